@@ -1,0 +1,81 @@
+"""One merge, start to finish: recipe -> plan -> routers -> staged write -> rename into place."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mergekit_mode.card import model_card
+from mergekit_mode.errors import ModeError
+from mergekit_mode.executor import execute
+from mergekit_mode.plan import BASE, Plan, build_plan
+from mergekit_mode.recipe import load_recipe
+from mergekit_mode.routers import make_routers
+from mergekit_mode.writer import Entry, ShardedWriter, staged_output
+
+RECIPE_FILE = "mergekit_mode_recipe.yml"
+
+# Files of the base that travel with the model: tokenizer and generation defaults.
+_BASE_FILES = (
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+
+
+def parse_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ModeError(f"--device: {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModeError(f"--device: {device!r} requested but this torch has no usable CUDA device")
+    return dev
+
+
+def plan_recipe(recipe_path: Path) -> Plan:
+    return build_plan(load_recipe(recipe_path))
+
+
+def write_model(plan: Plan, out: Path, *, force: bool = False, device: str = "cpu", quiet: bool = False) -> None:
+    """Build the plan's model into `out`. Either `out` ends complete, or it is left as it was."""
+    dev = parse_device(device)
+    routers = make_routers(plan)
+    entries = [Entry(t.name, t.shape, t.dtype) for t in plan.tensors]
+    try:
+        with staged_output(out, force, plan.total_bytes) as stage:
+            writer = ShardedWriter(stage, entries, plan.recipe.recipe.output.shard_size)
+            bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="Writing", disable=quiet, leave=False)
+            done = 0
+
+            def progress(item) -> None:
+                nonlocal done
+                done += 1
+                bar.update(item.nbytes)
+                bar.set_postfix_str(f"{done}/{len(entries)} tensors", refresh=False)
+
+            try:
+                execute(plan, routers, writer, dev, progress)
+            finally:
+                writer.abort()
+                bar.close()
+            _write_side_files(plan, stage)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ModeError(f"{out}: no space left on the device while writing ({e.filename or 'output'})") from None
+        raise ModeError(f"{out}: {e.strerror or e} ({e.filename or 'output'})") from None
+
+
+def _write_side_files(plan: Plan, stage: Path) -> None:
+    (stage / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+    base = plan.inputs[BASE].path
+    for name in _BASE_FILES:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, stage / name)
+    (stage / "README.md").write_text(model_card(plan))
+    (stage / RECIPE_FILE).write_text(plan.recipe.text)

@@ -1,0 +1,56 @@
+"""The model card (README.md) of an output: what it is, what it was made from, how to load it."""
+
+from __future__ import annotations
+
+from mergekit_mode import __version__
+from mergekit_mode.plan import BASE, Plan
+
+ROUTER_TEXT = {
+    "gateless": "gate-less: every expert runs on every token with equal weight 1/E (router weights are zero)",
+    "noisy": "noisy: Gaussian router weights, top-k experts per token",
+    "random": "random: standard-normal router weights (mergekit-moe's `random`), top-k experts per token",
+}
+
+
+def model_card(plan: Plan) -> str:
+    recipe = plan.recipe.recipe
+    cfg = plan.config
+    rows = "\n".join(
+        f"| {e} | {name} | `{spec.model}` |" for e, (name, spec) in enumerate(zip(recipe.expert_names, recipe.experts))
+    )
+    return f"""---
+base_model: {recipe.base_model}
+library_name: transformers
+tags:
+- mergekit
+- mergekit-mode
+- moe
+- mixtral
+---
+# Mixture of Domain Experts
+
+A Mixtral-format Mixture-of-Experts built by [mergekit-mode](https://pypi.org/project/mergekit-mode/)
+{__version__}. The base model `{recipe.base_model}` gives attention, embeddings, norms and the
+tokenizer; each expert brings its MLP.
+
+| expert | name | source |
+|---|---|---|
+{rows}
+
+- Router: {ROUTER_TEXT[recipe.router.mode]} (seed {recipe.router.seed}).
+- {cfg['num_local_experts']} experts, {cfg['num_experts_per_tok']} per token, {cfg['num_hidden_layers']} layers,
+  dtype {cfg['dtype']}, base architecture `{plan.inputs[BASE].model_type}`.
+
+Loads with no custom code:
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
+```
+
+## Recipe
+
+```yaml
+{plan.recipe.text.rstrip()}
+```
+"""

@@ -1,0 +1,124 @@
+"""The `mergekit-mode` command: thin click commands over recipe -> plan -> build.
+
+User mistakes arrive here as ModeError and leave as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from mergekit_mode import __version__
+from mergekit_mode.errors import ModeError
+
+MAIN_HELP = """Build a Mixture-of-Domain-Experts model in the canonical Mixtral format.
+
+\b
+    mergekit-mode RECIPE.yml OUT/     build the model described by RECIPE into OUT/
+    mergekit-mode validate RECIPE...  check recipes and their inputs (no weights read)
+    mergekit-mode schema              print the recipe's JSON Schema
+
+The base model gives attention, embeddings, norms and tokenizer; each expert (a fine-tune of the
+base) brings its MLP; a router picks experts per token. The output loads in transformers,
+llama.cpp and vLLM with no custom code. `mergekit-mode build --help` lists the build options.
+"""
+
+
+class _DefaultToBuild(click.Group):
+    """`mergekit-mode recipe.yml out/` means `mergekit-mode build recipe.yml out/`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["build", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultToBuild, help=MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mergekit-mode")
+def cli() -> None:
+    pass
+
+
+def _warn(plan) -> None:
+    for warning in plan.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print the plan (every output tensor, shape, dtype, source) and stop.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--device", default="cpu", show_default=True, help="Where tensors are computed: cpu, cuda, cuda:N.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def build(recipe: Path, out: Path, dry_run: bool, force: bool, device: str, quiet: bool) -> None:
+    """Build the model described by RECIPE into the folder OUT.
+
+    OUT is built in a hidden folder beside it and renamed into place when complete: an interrupted
+    or failed run leaves no OUT behind (and an existing OUT untouched).
+    """
+    from mergekit_mode.build import plan_recipe, write_model
+
+    plan = plan_recipe(recipe)
+    _warn(plan)
+    if dry_run:
+        click.echo(plan.describe())
+        return
+    write_model(plan, out, force=force, device=device, quiet=quiet)
+    if not quiet:
+        click.echo(f"wrote {out} ({len(plan.tensors)} tensors)", err=True)
+
+
+@cli.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
+def validate(recipes: tuple[Path, ...]) -> None:
+    """Check RECIPES and their inputs without reading weights.
+
+    Checks the schema, that every folder, config.json and safetensors header exists and parses,
+    that every expert has the base's architecture and shapes, and that top-k fits. Prints one
+    line per recipe; exit code 2 if any is invalid (for CI pipelines).
+    """
+    from mergekit_mode.build import plan_recipe
+
+    failed = 0
+    for path in recipes:
+        try:
+            plan = plan_recipe(path)
+        except ModeError as e:
+            click.echo(f"error: {e}", err=True)
+            failed += 1
+            continue
+        _warn(plan)
+        cfg = plan.config
+        click.echo(f"ok: {path} ({cfg['num_local_experts']} experts, top-{cfg['num_experts_per_tok']}, "
+                   f"{len(plan.tensors)} tensors, {plan.total_bytes / 1e9:.2f} GB)")
+    if failed:
+        sys.exit(2)
+
+
+@cli.command()
+def schema() -> None:
+    """Print the recipe's JSON Schema (for editors and CI)."""
+    from mergekit_mode.recipe import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except ModeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)

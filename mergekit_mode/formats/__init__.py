@@ -1,0 +1,1 @@
+"""Output formats: each module is a table of output tensor names plus a config builder."""

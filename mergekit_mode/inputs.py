@@ -1,0 +1,193 @@
+"""What an input folder offers, read from config.json and safetensors headers only.
+
+Opening a model costs a few small reads: the tensors' names, shapes, dtypes and byte ranges come
+from the safetensors headers, so `validate`, `--dry-run` and the planner never touch weights. The
+weights themselves are read later by `TensorReader` with positional reads (`os.preadv`) into
+buffers the executor owns and drops. Unlike mmap (what `safetensors.safe_open` does), plain reads
+leave nothing of the inputs mapped into this process, so peak RSS stays at the tensors in flight
+instead of growing with every page of every input touched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergekit_mode.errors import ModeError
+
+# safetensors dtype tags -> torch dtypes (the subset that model weights use).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_TAGS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+# Above this a safetensors header is not a header but a damaged file (the format caps it at 100 MB).
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live, from its file's header."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+
+def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse one safetensors file's header, checking every byte range against the file's size."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModeError(f"{file}: not a safetensors file (shorter than its 8-byte header length)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(_MAX_HEADER_BYTES, size - 8):
+                raise ModeError(f"{file}: corrupt safetensors header (claims {header_len} bytes, file has {size})")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise ModeError(f"{file}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModeError(f"{file}: corrupt safetensors header ({e})") from None
+
+    data_start = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ModeError(f"{file}: tensor {name!r} has a malformed or unsupported header entry: {entry}") from None
+        expected = math.prod(shape) * dtype.itemsize
+        if end - begin != expected or begin < 0:
+            raise ModeError(
+                f"{file}: tensor {name!r} has {end - begin} bytes for shape {list(shape)} {entry['dtype']} "
+                f"(expected {expected})"
+            )
+        if data_start + end > size:
+            raise ModeError(f"{file}: truncated: tensor {name!r} ends at byte {data_start + end}, file has {size}")
+        tensors[name] = TensorInfo(name, dtype, shape, file, data_start + begin, expected)
+    return tensors
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A Hugging Face model folder: its raw config and where each tensor lives."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, TensorInfo]
+
+    @classmethod
+    def open(cls, path: Path, field: str) -> "ModelFolder":
+        """Read config.json and the safetensors headers; `field` names the recipe entry in errors."""
+        if not path.is_dir():
+            raise ModeError(f"{field}: folder {path} does not exist")
+        config = read_json(path / "config.json", field)
+        return cls(path, config, _collect_tensors(path, field))
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", ""))
+
+
+def read_json(file: Path, field: str) -> dict:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModeError(f"{field}: {file} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise ModeError(f"{field}: {file} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModeError(f"{field}: {file} is not a JSON object")
+    return data
+
+
+def _collect_tensors(path: Path, field: str) -> dict[str, TensorInfo]:
+    """All tensors of a folder: one model.safetensors, or shards listed by an index."""
+    index_file = path / "model.safetensors.index.json"
+    if index_file.exists():
+        weight_map = read_json(index_file, field).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModeError(f"{field}: {index_file} has no weight_map")
+        tensors: dict[str, TensorInfo] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_file = path / shard
+            if not shard_file.is_file():
+                raise ModeError(f"{field}: {index_file} names shard {shard}, which does not exist")
+            for name, info in read_safetensors_header(shard_file).items():
+                if weight_map.get(name) == shard:
+                    tensors[name] = info
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise ModeError(f"{field}: {index_file} places {missing[0]} in {weight_map[missing[0]]}, which lacks it")
+        return tensors
+    single = path / "model.safetensors"
+    if single.is_file():
+        return read_safetensors_header(single)
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+        raise ModeError(
+            f"{field}: {path} has only pickle weights (.bin/.pt); pickles can run arbitrary code and are "
+            "not read. Convert them to safetensors first (e.g. load and save_pretrained(safe_serialization=True))"
+        )
+    raise ModeError(f"{field}: {path} has no model.safetensors or model.safetensors.index.json")
+
+
+class TensorReader:
+    """Reads tensors by their header byte ranges, keeping one descriptor per file open."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        buf = bytearray(info.nbytes)
+        view = memoryview(buf)
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:]], info.offset + done)
+            if n == 0:
+                raise ModeError(f"{info.file}: truncated while reading tensor {info.name!r}")
+            done += n
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

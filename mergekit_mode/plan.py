@@ -1,0 +1,204 @@
+"""The plan: every output tensor, its shape and dtype, and where it comes from, as plain data.
+
+Built from the recipe and the inputs' headers alone, so `--dry-run`, `validate` and most tests
+run without reading a weight. Its order is the order of work: the executor computes and the
+writer writes tensors exactly in plan order, one layer's tensors at a time, which is what keeps
+memory flat however many layers the model has.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from mergekit_mode.errors import ModeError
+from mergekit_mode.formats import mixtral
+from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder
+from mergekit_mode.recipe import LoadedRecipe
+
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A tensor of an input: `model` is BASE or an expert's name."""
+
+    model: str
+    tensor: str
+
+    def __str__(self) -> str:
+        return f"{self.model}:{self.tensor}"
+
+
+@dataclass(frozen=True)
+class Copy:
+    """The output is the source tensor, cast to the output dtype."""
+
+    source: Source
+
+    def __str__(self) -> str:
+        return f"copy {self.source}"
+
+
+@dataclass(frozen=True)
+class RouterWeights:
+    """The output is the router of `layer`, made by the recipe's router mode."""
+
+    layer: int
+    mode: str
+
+    def __str__(self) -> str:
+        return f"router {self.mode} (layer {self.layer})"
+
+
+Op = Union[Copy, RouterWeights]
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    op: Op
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: LoadedRecipe
+    inputs: dict[str, ModelFolder]  # BASE and each expert's name
+    config: dict  # the output's config.json
+    dtype: torch.dtype
+    tensors: tuple[OutputTensor, ...]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def describe(self) -> str:
+        """The plan as text: one line per output tensor, then a summary (what --dry-run prints)."""
+        width = max(len(t.name) for t in self.tensors)
+        lines = [
+            f"{t.name:<{width}}  {str(list(t.shape)):<16} {DTYPE_TAGS[t.dtype]:<5} <- {t.op}" for t in self.tensors
+        ]
+        folders = [f"  {key}: {folder.path}" for key, folder in self.inputs.items()]
+        lines += [
+            "",
+            f"inputs:\n" + "\n".join(folders),
+            f"output: {mixtral.ARCHITECTURE}, {self.config['num_local_experts']} experts, "
+            f"{self.config['num_experts_per_tok']} per token, {len(self.tensors)} tensors, "
+            f"{format_bytes(self.total_bytes)} ({self.total_bytes} bytes), dtype {DTYPE_TAGS[self.dtype]}",
+        ]
+        return "\n".join(lines)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Config keys that must agree between the base and every expert for an MLP to be swappable.
+_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size",
+               "num_attention_heads", "num_key_value_heads")
+
+
+def open_inputs(loaded: LoadedRecipe) -> dict[str, ModelFolder]:
+    """Open the base and every expert folder (headers only) and check they fit together."""
+    recipe = loaded.recipe
+    base = ModelFolder.open(loaded.resolve(recipe.base_model), "base_model")
+    mixtral.check_base_config(base.config, "base_model")
+    inputs = {BASE: base}
+    for i, (spec, name) in enumerate(zip(recipe.experts, recipe.expert_names)):
+        field = f"experts[{i}].model"
+        expert = ModelFolder.open(loaded.resolve(spec.model), field)
+        if expert.model_type != base.model_type:
+            raise ModeError(f"{field}: model_type {expert.model_type!r} differs from the base's {base.model_type!r}")
+        for key in _SHAPE_KEYS:
+            if expert.config.get(key) != base.config.get(key):
+                raise ModeError(f"{field}: {key} is {expert.config.get(key)}, the base's is {base.config.get(key)}")
+        inputs[name] = expert
+    return inputs
+
+
+def _tensor(folder: ModelFolder, name: str, field: str, shape: tuple[int, ...] | None = None):
+    info = folder.tensors.get(name)
+    if info is None:
+        raise ModeError(f"{field}: {folder.path} lacks tensor {name}")
+    if shape is not None and info.shape != shape:
+        raise ModeError(f"{field}: tensor {name} has shape {list(info.shape)}, the base's is {list(shape)}")
+    if not info.dtype.is_floating_point:
+        raise ModeError(f"{field}: tensor {name} is {DTYPE_TAGS[info.dtype]}, not a float")
+    return info
+
+
+def _output_dtype(loaded: LoadedRecipe, base: ModelFolder) -> torch.dtype:
+    if loaded.recipe.dtype:
+        return _DTYPES[loaded.recipe.dtype]
+    embed = base.tensors.get(mixtral.EMBED)
+    return embed.dtype if embed is not None and embed.dtype in _DTYPES.values() else torch.float32
+
+
+def build_plan(loaded: LoadedRecipe) -> Plan:
+    recipe = loaded.recipe
+    inputs = open_inputs(loaded)
+    base = inputs[BASE]
+    names = recipe.expert_names
+    fields = {name: f"experts[{i}].model" for i, name in enumerate(names)}
+    dtype = _output_dtype(loaded, base)
+    cfg = base.config
+    num_layers = int(cfg["num_hidden_layers"])
+    hidden = int(cfg["hidden_size"])
+    tied = bool(cfg.get("tie_word_embeddings", False))
+
+    used: set[str] = set()
+
+    def from_base(name: str) -> OutputTensor:
+        info = _tensor(base, name, "base_model")
+        used.add(name)
+        return OutputTensor(name, info.shape, dtype, Copy(Source(BASE, name)))
+
+    tensors = [from_base(mixtral.EMBED)]
+    for layer in range(num_layers):
+        prefix = mixtral.layer_prefix(layer)
+        tensors += [from_base(prefix + suffix) for suffix in mixtral.LAYER_SHARED]
+        for e, name in enumerate(names):
+            for proj, mlp in mixtral.EXPERT_FROM_MLP.items():
+                shape = _tensor(base, prefix + mlp, "base_model").shape
+                _tensor(inputs[name], prefix + mlp, fields[name], shape)
+                used.add(prefix + mlp)
+                tensors.append(
+                    OutputTensor(mixtral.expert_tensor(layer, e, proj), shape, dtype, Copy(Source(name, prefix + mlp)))
+                )
+        tensors.append(
+            OutputTensor(mixtral.router_tensor(layer), (len(names), hidden), dtype,
+                         RouterWeights(layer, recipe.router.mode))
+        )
+    tensors.append(from_base(mixtral.FINAL_NORM))
+    if not tied:
+        tensors.append(from_base(mixtral.LM_HEAD))
+    elif mixtral.LM_HEAD in base.tensors:
+        used.add(mixtral.LM_HEAD)  # tied: the runtime reuses the embeddings
+
+    leftover = sorted(n for n in base.tensors if n not in used and not n.endswith(mixtral.IGNORABLE_SUFFIXES))
+    if leftover:
+        raise ModeError(
+            f"base_model: tensor {leftover[0]} has no place in a Mixtral checkpoint"
+            + (f" (and {len(leftover) - 1} more)" if len(leftover) > 1 else "")
+        )
+    warnings = []
+    k = recipe.router.experts_per_token
+    if recipe.router.mode == "gateless" and k is not None and k != len(names):
+        warnings.append(f"router.experts_per_token: {k} is ignored by gateless, which uses all {len(names)} experts")
+    config = mixtral.build_config(cfg, len(names), recipe.top_k, str(dtype).removeprefix("torch."))
+    return Plan(loaded, inputs, config, dtype, tuple(tensors), tuple(warnings))

@@ -1,0 +1,183 @@
+"""The recipe: pydantic models of `recipe.yml`, and loading with errors that name the field.
+
+Pure validation: nothing here opens a model. Paths stay as written (relative to the recipe's
+folder) so the model card and the copied recipe read the same on every machine; `resolve` gives
+the absolute path when a folder must be opened.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from mergekit_mode.errors import ModeError
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40}
+
+
+def parse_size(value: object) -> int:
+    """'2GB', '500M', '1GiB' or a byte count -> bytes (decimal units, as mergekit and HF read them)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).upper() not in _SIZE_UNITS:
+            raise ValueError(f"not a size: {value!r} (use e.g. 2GB, 500MB, 1GiB or a byte count)")
+        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return size
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+DType = Literal["float32", "float16", "bfloat16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExpertSpec(_Strict):
+    """One expert: a full fine-tune of the base whose MLP becomes this expert."""
+
+    name: Optional[str] = Field(None, description="Unique name; default: the model folder's name.")
+    model: Path = Field(description="Folder of a fine-tune of base_model (same architecture and shapes).")
+
+    @property
+    def display_name(self) -> str:
+        return self.name or Path(self.model).name
+
+
+class RouterSpec(_Strict):
+    """How each layer's router (block_sparse_moe.gate) is made."""
+
+    mode: Literal["gateless", "noisy", "random"] = Field(
+        "gateless",
+        description="gateless: zero router, every expert on every token with weight 1/E. "
+        "noisy: normal(0, std) router with top-k. random: standard normal router (mergekit's 'random').",
+    )
+    experts_per_token: Optional[int] = Field(
+        None, ge=1, description="top-k for noisy/random (default 2); gateless always uses all experts."
+    )
+    std: Optional[float] = Field(None, gt=0, description="noisy: standard deviation; default: the base's initializer_range.")
+    seed: int = Field(0, description="Seed of the random routers; same recipe and seed give identical files.")
+
+    @model_validator(mode="after")
+    def _std_only_for_noisy(self) -> "RouterSpec":
+        if self.std is not None and self.mode != "noisy":
+            raise ValueError(f"std applies to mode 'noisy' only, not {self.mode!r}")
+        return self
+
+
+class OutputSpec(_Strict):
+    shard_size: ByteSize = Field(parse_size("2GB"), description="Largest safetensors shard, e.g. 2GB or 500MB.")
+
+
+class Recipe(_Strict):
+    """A Mixture-of-Domain-Experts recipe."""
+
+    merge_method: Literal["mode"] = "mode"
+    base_model: Path = Field(description="Model folder that gives attention, embeddings, norms, lm_head and tokenizer.")
+    dtype: Optional[DType] = Field(None, description="Output dtype; default: the base's.")
+    experts: list[ExpertSpec] = Field(min_length=2, description="Two or more experts; each brings its MLP.")
+    router: RouterSpec = RouterSpec()
+    output: OutputSpec = OutputSpec()
+
+    @model_validator(mode="after")
+    def _names_unique_and_k_fits(self) -> "Recipe":
+        seen: dict[str, int] = {}
+        for i, expert in enumerate(self.experts):
+            name = expert.display_name
+            if name in seen:
+                raise _FieldError(f"experts[{i}].name", f"{name!r} is already the name of experts[{seen[name]}]; "
+                                  "names must be unique (set name:)")
+            seen[name] = i
+        k = self.router.experts_per_token
+        if k is not None and k > len(self.experts):
+            raise _FieldError("router.experts_per_token", f"{k} is more than the {len(self.experts)} experts")
+        return self
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.display_name for e in self.experts]
+
+    @property
+    def top_k(self) -> int:
+        """num_experts_per_tok of the output: all experts for gateless (equal weights), else k."""
+        if self.router.mode == "gateless":
+            return len(self.experts)
+        return self.router.experts_per_token or 2
+
+
+class _FieldError(ValueError):
+    """A cross-field check that knows which field it is about (pydantic would blame the whole object)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class LoadedRecipe(BaseModel):
+    """A validated recipe with where it came from: relative paths resolve against its folder."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    recipe: Recipe
+    path: Path
+    text: str
+
+    def resolve(self, p: Path) -> Path:
+        return p if p.is_absolute() else (self.path.parent / p)
+
+
+def format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_recipe(data: object, source: str) -> Recipe:
+    """Validate recipe data; the first problem becomes a ModeError 'source: field: message'."""
+    if not isinstance(data, dict):
+        raise ModeError(f"{source}: a recipe is a YAML mapping (merge_method, base_model, experts, ...)")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors()
+        first = errors[0]
+        ctx_err = (first.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _FieldError):
+            raise ModeError(f"{source}: {ctx_err.field}: {ctx_err.message}") from None
+        loc = format_loc(first["loc"]) or "recipe"
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling; `mergekit-mode schema` lists the keys)"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ModeError(f"{source}: {loc}: {msg}{more}") from None
+
+
+def load_recipe(path: Path) -> LoadedRecipe:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ModeError(f"{path}: recipe file does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModeError(f"{path}: cannot read recipe ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise ModeError(f"{path}: not valid YAML{line}: {getattr(e, 'problem', e)}") from None
+    return LoadedRecipe(recipe=parse_recipe(data, str(path)), path=path.resolve(), text=text)
+
+
+def json_schema() -> dict:
+    return Recipe.model_json_schema()
