@@ -16,7 +16,7 @@ import torch
 
 from mergekit_mode.errors import ModeError
 from mergekit_mode.formats import mixtral
-from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder
+from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder, TensorInfo
 from mergekit_mode.recipe import LoadedRecipe
 
 BASE = "base"
@@ -39,6 +39,10 @@ class Copy:
 
     source: Source
 
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        return (self.source,)
+
     def __str__(self) -> str:
         return f"copy {self.source}"
 
@@ -49,6 +53,8 @@ class RouterWeights:
 
     layer: int
     mode: str
+
+    sources: tuple[Source, ...] = ()  # computed before the write pass, reads nothing here
 
     def __str__(self) -> str:
         return f"router {self.mode} (layer {self.layer})"
@@ -81,6 +87,10 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    def reads(self) -> list[TensorInfo]:
+        """Every input tensor the plan reads, in the order the executor asks for them."""
+        return [self.inputs[s.model].tensors[s.tensor] for t in self.tensors for s in t.op.sources]
 
     def describe(self) -> str:
         """The plan as text: one line per output tensor, then a summary (what --dry-run prints)."""
