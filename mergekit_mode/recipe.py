@@ -113,6 +113,12 @@ def _stem_base(value: object) -> object:
     return value
 
 
+def _stem_schema(schema: dict) -> None:
+    """The JSON Schema says `base`, what users write, not the None it is stored as."""
+    schema["anyOf"] = [{"const": "base"} if branch == {"type": "null"} else branch for branch in schema["anyOf"]]
+    schema["default"] = "base"
+
+
 class OutputSpec(_Strict):
     shard_size: ByteSize = Field(parse_size("2GB"), description="Largest safetensors shard, e.g. 2GB or 500MB.")
 
@@ -126,7 +132,8 @@ class Recipe(_Strict):
     experts: list[ExpertSpec] = Field(min_length=2, description="Two or more experts; each brings its MLP.")
     router: RouterSpec = RouterSpec()
     stem: Annotated[Optional[StemSpec], BeforeValidator(_stem_base)] = Field(
-        None, description="`base` (default): shared tensors are the base's. A mapping: merged by a mergekit method.")
+        None, description="`base` (default): shared tensors are the base's. A mapping: merged by a mergekit method.",
+        json_schema_extra=_stem_schema)
     output: OutputSpec = OutputSpec()
 
     @model_validator(mode="after")

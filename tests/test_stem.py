@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,9 @@ def test_stem_mistakes(family, tmp_path, run_cli, case):
     stem, fragments = ERRORS[case]
     recipe = write_recipe(tmp_path / "r.yml", family.base, family.experts, names=NAMES, stem=stem)
     expect_error(run_cli("validate", recipe), "r.yml", *fragments)
+
+
+def test_schema_offers_base_or_a_merge(run_cli):
+    result = run_cli("schema")
+    stem = json.loads(result.out)["properties"]["stem"]
+    assert {"const": "base"} in stem["anyOf"] and {"$ref": "#/$defs/StemSpec"} in stem["anyOf"]
