@@ -13,7 +13,8 @@ import torch
 from mergekit_mode.errors import ModeError
 from mergekit_mode.inputs import Prefetcher, TensorReader
 from mergekit_mode.numerics import all_finite
-from mergekit_mode.plan import Copy, OutputTensor, Plan, RouterWeights
+from mergekit_mode.plan import Copy, OutputTensor, Plan, RouterWeights, StemMerge
+from mergekit_mode.stem import merge
 from mergekit_mode.writer import ShardedWriter
 
 Progress = Callable[[OutputTensor], None]
@@ -32,6 +33,12 @@ def compute(
         tensor = routers[op.layer].to(item.dtype)
         if not all_finite(tensor):
             raise ModeError(f"router of layer {op.layer}: contains NaN or Inf")
+        return tensor
+    if isinstance(op, StemMerge):
+        tensors = [reader.read(plan.inputs[s.model].tensors[s.tensor]).to(device) for s in op.sources]
+        tensor = merge(op, item.name, tensors, item.dtype)
+        if not all_finite(tensor):
+            raise ModeError(f"stem: {op.method} made NaN or Inf in {item.name} (check the weights, e.g. a zero sum)")
         return tensor
     raise AssertionError(f"no executor for {op!r}")
 
