@@ -20,7 +20,7 @@ from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder, TensorInfo
 from mergekit_mode.recipe import LoadedRecipe
 from mergekit_mode.stem import BASE_MODEL, Params, Stem, resolve_stem
 
-BASE = "base"
+BASE = BASE_MODEL  # the key of the recipe's base among the inputs; no expert may take this name
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,8 @@ class StemMerge:
 def stem_merge(stem: Stem, tensor: str, t: float) -> StemMerge:
     """The StemMerge of one shared tensor; `t` is mergekit's layer fraction for gradients."""
     shared, per_input = stem.parameters(tensor, t)
-    models = [BASE if m == BASE_MODEL else m for m in stem.inputs]
     base_index = stem.inputs.index(stem.base) if stem.base is not None else None
-    return StemMerge(stem.method, tuple(Source(m, tensor) for m in models), base_index, shared, per_input, stem.seed)
+    return StemMerge(stem.method, tuple(Source(m, tensor) for m in stem.inputs), base_index, shared, per_input, stem.seed)
 
 
 Op = Union[Copy, RouterWeights, StemMerge]

@@ -38,6 +38,9 @@ ByteSize = Annotated[int, BeforeValidator(parse_size)]
 DType = Literal["float32", "float16", "bfloat16"]
 
 
+RESERVED_NAME = "base_model"  # how plans and `stem:` refer to the recipe's base
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -141,6 +144,8 @@ class Recipe(_Strict):
         seen: dict[str, int] = {}
         for i, expert in enumerate(self.experts):
             name = expert.display_name
+            if name == RESERVED_NAME:
+                raise _FieldError(f"experts[{i}].name", f"{name!r} names the recipe's base model; rename the expert")
             if name in seen:
                 raise _FieldError(f"experts[{i}].name", f"{name!r} is already the name of experts[{seen[name]}]; "
                                   "names must be unique (set name:)")

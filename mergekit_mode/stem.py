@@ -33,12 +33,12 @@ from mergekit.parameter_resolver import resolve_parameters
 from pydantic import TypeAdapter, ValidationError
 
 from mergekit_mode.errors import ModeError
-from mergekit_mode.recipe import StemSpec
+from mergekit_mode.recipe import RESERVED_NAME, StemSpec
 
 if TYPE_CHECKING:
     from mergekit_mode.plan import StemMerge
 
-BASE_MODEL = "base_model"  # how `stem:` names the recipe's base model
+BASE_MODEL = RESERVED_NAME  # how `stem:` names the recipe's base model
 Params = tuple[tuple[str, Any], ...]
 
 _SETTING = TypeAdapter(ParameterSetting)
@@ -108,9 +108,6 @@ def _parse_values(
 
 def _check_names(spec: StemSpec, experts: list[str]) -> list[str]:
     """The listed models (default: every expert), each an expert or the base, none twice."""
-    if BASE_MODEL in experts:
-        raise ModeError(f"experts[{experts.index(BASE_MODEL)}].name: {BASE_MODEL!r} names the recipe's base in "
-                        "stem; rename the expert")
     known = f"(experts: {', '.join(experts)}; or {BASE_MODEL})"
     if spec.base_model is not None and spec.base_model not in (*experts, BASE_MODEL):
         raise ModeError(f"stem.base_model: unknown model {spec.base_model!r} {known}")

@@ -108,7 +108,7 @@ def test_dry_run_shows_each_tensors_merge(family, tmp_path, run_cli):
     lines = {line.split()[0]: line for line in result.out.splitlines() if line.startswith("model.")}
     # layer 0 has t=0 (weight 0.3 from the gradient), layer 1 has t=1 (weight 1.0); c overrides it
     assert lines["model.layers.0.self_attn.q_proj.weight"].endswith(
-        "<- ties(a[weight=0.3 density=0.7], b[weight=0.3 density=0.5], c[weight=0.8 density=0.5], base*; "
+        "<- ties(a[weight=0.3 density=0.7], b[weight=0.3 density=0.5], c[weight=0.8 density=0.5], base_model*; "
         "int8_mask=False normalize=True rescale=False lambda=1.0)")
     assert "b[weight=1.0 density=0.5]" in lines["model.layers.1.self_attn.q_proj.weight"]
     assert not (tmp_path / "out").exists()
