@@ -25,9 +25,12 @@ def compute(
 ) -> torch.Tensor:
     op = item.op
     if isinstance(op, Copy):
-        tensor = reader.read(plan.inputs[op.source.model].tensors[op.source.tensor])
+        info = plan.inputs[op.source.model].tensors[op.source.tensor]
+        tensor = reader.read(info)
         if tensor.dtype != item.dtype:
             tensor = tensor.to(device).to(item.dtype)
+            if not all_finite(tensor):
+                raise ModeError(f"{info.file}: tensor {info.name} overflows {item.dtype} (values beyond its range)")
         return tensor
     if isinstance(op, RouterWeights):
         tensor = routers[op.layer].to(item.dtype)
