@@ -212,6 +212,8 @@ def parse_recipe(data: object, source: str) -> Recipe:
         msg = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling; `mergekit-mode schema` lists the keys)"
+        elif first["type"] == "path_type":
+            msg = f"expected a folder path, got {first['input']!r}"
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ModeError(f"{source}: {loc}: {msg}{more}") from None
 
