@@ -178,7 +178,7 @@ def _tensor(folder: ModelFolder, name: str, field: str, shape: tuple[int, ...] |
     if info is None:
         raise ModeError(f"{field}: {folder.path} lacks tensor {name}")
     if shape is not None and info.shape != shape:
-        raise ModeError(f"{field}: tensor {name} has shape {list(info.shape)}, the base's is {list(shape)}")
+        raise ModeError(f"{field}: tensor {name} has shape {list(info.shape)}, expected {list(shape)}")
     if not info.dtype.is_floating_point:
         raise ModeError(f"{field}: tensor {name} is {DTYPE_TAGS[info.dtype]}, not a float")
     return info
@@ -209,7 +209,7 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
 
     def from_base(name: str, t: float = 0.0) -> OutputTensor:
         """A shared tensor: the base's, or with `stem:` merged from the stem's models."""
-        info = _tensor(base, name, "base_model")
+        info = _tensor(base, name, "base_model", mixtral.expected_shape(cfg, name))
         used.add(name)
         if stem is None:
             return OutputTensor(name, info.shape, dtype, Copy(Source(BASE, name)))
@@ -225,7 +225,7 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
         tensors += [from_base(prefix + suffix, t) for suffix in mixtral.LAYER_SHARED]
         for e, name in enumerate(names):
             for proj, mlp in mixtral.EXPERT_FROM_MLP.items():
-                shape = _tensor(base, prefix + mlp, "base_model").shape
+                shape = _tensor(base, prefix + mlp, "base_model", mixtral.expected_shape(cfg, prefix + mlp)).shape
                 _tensor(inputs[name], prefix + mlp, fields[name], shape)
                 used.add(prefix + mlp)
                 tensors.append(
