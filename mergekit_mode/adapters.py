@@ -117,6 +117,7 @@ def _read_config(file: Path, field: str) -> LoraConfig:
             config = LoraConfig.from_pretrained(str(file.parent))
     except (TypeError, ValueError) as e:
         raise ModeError(f"{field}: {file}: not a valid LoRA config ({e})") from None
+    _check_numbers(config, f"{field}: {file}")
     for option in _UNMERGEABLE_OPTIONS:
         if getattr(config, option, None):
             raise ModeError(f"{field}: {file}: {option} is set; such adapters do not merge into plain weights")
@@ -125,6 +126,18 @@ def _read_config(file: Path, field: str) -> LoraConfig:
         raise ModeError(f"{field}: {file}: init_lora_weights {config.init_lora_weights!r} changes the base weights; "
                         "convert the adapter first (save_pretrained(path_initial_model_for_weight_conversion=...))")
     return config
+
+
+def _check_numbers(config: LoraConfig, where: str) -> None:
+    """peft's config accepts any JSON value for r and alpha; the merge needs numbers."""
+    ranks = [("r", config.r)] + [(f"rank_pattern[{k!r}]", v) for k, v in config.rank_pattern.items()]
+    alphas = [("lora_alpha", config.lora_alpha)] + [(f"alpha_pattern[{k!r}]", v) for k, v in config.alpha_pattern.items()]
+    for key, value in ranks:
+        if type(value) is not int or value <= 0:
+            raise ModeError(f"{where}: {key} must be a positive integer, not {value!r}")
+    for key, value in alphas:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise ModeError(f"{where}: {key} must be a number, not {value!r}")
 
 
 def _rank_and_alpha(config: LoraConfig, module: str) -> tuple[int, float]:

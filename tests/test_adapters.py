@@ -1,0 +1,298 @@
+"""LoRA adapters as experts, checked against peft itself.
+
+Every adapter here is made by peft (get_peft_model with random, non-zero A and B, saved with
+save_pretrained) and the reference is peft's own `merge_and_unload()` of the saved folder: the
+MoE that the real CLI builds must hold exactly those weights (float32 rounding aside).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from mergekit_mode.cli import main
+from mergekit_mode.toy.models import make_expert, make_model
+
+MLP = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+LAYERS = 2
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """A tiny float32 Llama base and two noisy full fine-tunes of it."""
+    root = tmp_path_factory.mktemp("models")
+    make_model(root / "base", vocab_size=128)
+    make_expert(root / "base", root / "full1", seed=1, attn_scale=0.05)
+    make_expert(root / "base", root / "full2", seed=2)
+    return root
+
+
+def make_adapter(stem: Path, out: Path, seed: int, **lora: object) -> Path:
+    """A peft LoRA of the model in `stem` with random A, B (and DoRA magnitudes), saved by peft."""
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(stem), LoraConfig(init_lora_weights=False, **lora))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:  # DoRA starts at ||W||; move it so it matters
+                param.mul_(1 + 0.1 * torch.randn_like(param))
+    model.save_pretrained(out)
+    return out
+
+
+def peft_merged(stem: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    """The reference: peft loads the saved adapter and merges it."""
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(stem), adapter)
+    return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """The real command line, in-process: (exit code, stderr then stdout)."""
+    monkeypatch.setattr(sys, "argv", ["mergekit-mode", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.err + captured.out
+
+
+def write_recipe(folder: Path, experts: list[dict], **extra: object) -> Path:
+    recipe = folder / "recipe.yml"
+    recipe.write_text(json.dumps({"base_model": "base", "experts": experts, **extra}))  # JSON is YAML
+    return recipe
+
+
+def build(folder: Path, experts: list[dict], monkeypatch, capsys, **extra: object) -> tuple[dict, str]:
+    out = folder / "out"
+    code, err = run_cli([write_recipe(folder, experts, **extra), out, "-q", "--force"], monkeypatch, capsys)
+    assert code == 0, err
+    return load_file(out / "model.safetensors"), err
+
+
+def close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+
+
+@pytest.fixture()
+def work(models: Path, tmp_path: Path) -> Path:
+    """A recipe folder that sees the shared models as ./base, ./full1, ./full2."""
+    for name in ("base", "full1", "full2"):
+        (tmp_path / name).symlink_to(models / name)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
+        dict(r=4, lora_alpha=16, use_rslora=True, target_modules=ALL_LINEAR),
+        dict(r=4, lora_alpha=8, target_modules=ALL_LINEAR, rank_pattern={"layers.1.mlp.gate_proj": 2, "down_proj": 6},
+             alpha_pattern={r"model\.layers\.0\.mlp\.up_proj": 3}),
+        dict(r=4, lora_alpha=8, use_dora=True, target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"]),
+        dict(r=2, lora_alpha=5, use_dora=True, use_rslora=True, target_modules=["gate_proj", "down_proj"],
+             rank_pattern={"down_proj": 3}),
+    ],
+    ids=["lora", "rslora", "patterns", "dora", "dora-rslora-pattern"],
+)
+def test_adapter_expert_equals_peft_merge(work: Path, lora: dict, monkeypatch, capsys) -> None:
+    make_adapter(work / "base", work / "code", seed=3, **lora)
+    out, _ = build(work, [{"model": "full1"}, {"adapter": "code"}], monkeypatch, capsys)
+    ref = peft_merged(work / "base", work / "code")
+    for layer in range(LAYERS):
+        for proj, mlp in MLP.items():
+            close(out[f"model.layers.{layer}.block_sparse_moe.experts.1.{proj}.weight"],
+                  ref[f"model.layers.{layer}.mlp.{mlp}.weight"])
+        # one adapter expert: `average` gives its own attention change, divided by 1
+        close(out[f"model.layers.{layer}.self_attn.q_proj.weight"], ref[f"model.layers.{layer}.self_attn.q_proj.weight"])
+
+
+def test_average_is_mean_of_peft_merges(work: Path, monkeypatch, capsys) -> None:
+    """`average`: base + mean over ALL adapter experts of their changes; one that leaves v_proj alone
+    counts as zero change there; the full fine-tunes' attention (full1 has some) is not used."""
+    make_adapter(work / "base", work / "a", seed=4, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"])
+    make_adapter(work / "base", work / "b", seed=5, r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "up_proj"])
+    experts = [{"model": "full1"}, {"model": "full2"}, {"adapter": "a"}, {"adapter": "b"}]
+    out, _ = build(work, experts, monkeypatch, capsys)
+    ref = [peft_merged(work / "base", work / name) for name in ("a", "b")]
+    base = load_file(work / "base" / "model.safetensors")
+    for layer in range(LAYERS):
+        for proj in ("q_proj", "v_proj", "k_proj", "o_proj"):
+            key = f"model.layers.{layer}.self_attn.{proj}.weight"
+            close(out[key], (ref[0][key] + ref[1][key]) / 2)
+        assert torch.equal(out[f"model.layers.{layer}.self_attn.k_proj.weight"],
+                           base[f"model.layers.{layer}.self_attn.k_proj.weight"])
+
+    key = "model.layers.0.self_attn.q_proj.weight"
+    dropped, _ = build(work, experts, monkeypatch, capsys, shared_deltas="drop")
+    assert torch.equal(dropped[key], base[key])
+    from_b, _ = build(work, experts, monkeypatch, capsys, shared_deltas={"from": "b"})
+    close(from_b[key], ref[1][key])
+    from_full, _ = build(work, experts, monkeypatch, capsys, shared_deltas={"from": "full1"})
+    assert torch.equal(from_full[key], load_file(work / "full1" / "model.safetensors")[key])
+
+
+def test_mixed_recipe_loads_in_transformers(work: Path, monkeypatch, capsys) -> None:
+    make_adapter(work / "base", work / "a", seed=6, r=4, lora_alpha=8, target_modules=ALL_LINEAR)
+    make_adapter(work / "base", work / "b", seed=7, r=4, lora_alpha=8, use_dora=True, target_modules=["gate_proj"])
+    experts = [{"model": "full1"}, {"adapter": "a", "name": "code"}, {"model": "full2"}, {"adapter": "b"}]
+    build(work, experts, monkeypatch, capsys)
+    model, info = AutoModelForCausalLM.from_pretrained(work / "out", output_loading_info=True)
+    assert model.config.model_type == "mixtral" and model.config.num_local_experts == 4
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+    card = (work / "out" / "README.md").read_text()
+    assert "LoRA `a` on the base" in card and "`b`: LoRA + DoRA, rank 4, alpha 8, scaling 2" in card
+    assert "mean of the adapter experts' changes" in card
+
+
+def test_adapter_on_a_fine_tune(work: Path, monkeypatch, capsys) -> None:
+    """`model:` and `adapter:` together: the adapter merges into that fine-tune; an adapter recorded
+    against another base gets a warning naming both."""
+    make_adapter(work / "base", work / "a", seed=8, r=4, lora_alpha=8, target_modules=["gate_proj", "q_proj"])
+    out, err = build(work, [{"model": "full2"}, {"model": "full1", "adapter": "a", "name": "x"}], monkeypatch, capsys)
+    ref = peft_merged(work / "full1", work / "a")
+    close(out["model.layers.1.block_sparse_moe.experts.1.w1.weight"], ref["model.layers.1.mlp.gate_proj.weight"])
+    assert torch.equal(out["model.layers.1.block_sparse_moe.experts.1.w2.weight"],
+                       ref["model.layers.1.mlp.down_proj.weight"])
+    # the shared q_proj gets the adapter's change only, not full1's own attention drift
+    key = "model.layers.0.self_attn.q_proj.weight"
+    full1 = load_file(work / "full1" / "model.safetensors")
+    base = load_file(work / "base" / "model.safetensors")
+    close(out[key], base[key] + (ref[key] - full1[key]))
+    assert "experts[1].adapter: adapter_config.json records base" in err and "full1" in err
+
+
+def test_fan_in_fan_out_ignored_as_peft_does(work: Path, monkeypatch, capsys) -> None:
+    adapter = make_adapter(work / "base", work / "a", seed=9, r=4, lora_alpha=8, target_modules=["gate_proj", "q_proj"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    out, err = build(work, [{"model": "full1"}, {"adapter": "a"}], monkeypatch, capsys)
+    ref = peft_merged(work / "base", adapter)
+    close(out["model.layers.0.block_sparse_moe.experts.1.w1.weight"], ref["model.layers.0.mlp.gate_proj.weight"])
+    assert "fan_in_fan_out is true; peft ignores it" in err
+
+
+def test_embeddings_need_a_policy(work: Path, monkeypatch, capsys) -> None:
+    """LoRA (with DoRA: the transposed, column-norm case) on embed_tokens and lm_head in
+    modules_to_save: refused without `embeddings`, the expert's with {from:}, the base's with base."""
+    make_adapter(work / "base", work / "a", seed=10, r=4, lora_alpha=8, use_dora=True,
+                 target_modules=["embed_tokens", "gate_proj"], modules_to_save=["lm_head"])
+    experts = [{"model": "full1"}, {"adapter": "a"}]
+    code, err = run_cli([write_recipe(work, experts), work / "out"], monkeypatch, capsys)
+    assert code == 2 and "experts[1].adapter: changes model.embed_tokens.weight" in err and "embeddings:" in err
+    out, _ = build(work, experts, monkeypatch, capsys, embeddings={"from": "a"})
+    ref = peft_merged(work / "base", work / "a")
+    close(out["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
+    close(out["lm_head.weight"], ref["lm_head.weight"])
+    base = load_file(work / "base" / "model.safetensors")
+    kept, _ = build(work, experts, monkeypatch, capsys, embeddings="base")
+    assert torch.equal(kept["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert torch.equal(kept["lm_head.weight"], base["lm_head.weight"])
+
+
+def test_dry_run_shows_merges(work: Path, monkeypatch, capsys) -> None:
+    make_adapter(work / "base", work / "a", seed=11, r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "up_proj"])
+    code, text = run_cli([write_recipe(work, [{"model": "full1"}, {"adapter": "a"}]), work / "out", "--dry-run"],
+                         monkeypatch, capsys)
+    assert code == 0, text
+    assert "experts.1.w3.weight" in text and "base:model.layers.0.mlp.up_proj.weight + lora a (scale 2, dora)" in text
+    assert "base:model.layers.1.self_attn.q_proj.weight + (Δa) / 1" in text
+    assert not (work / "out").exists()
+
+
+def _edit_config(adapter: Path, **changes: object) -> None:
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+
+
+def _add_lora_bias(adapter: Path, value: float) -> None:
+    file = adapter / "adapter_model.safetensors"
+    tensors = load_file(file)
+    for key in [k for k in tensors if k.endswith(".lora_B.weight")]:
+        tensors[key.replace(".weight", ".bias")] = torch.full((tensors[key].shape[0],), value)
+    save_file(tensors, file)
+    _edit_config(adapter, lora_bias=True)
+
+
+def _to_bin(adapter: Path) -> None:
+    file = adapter / "adapter_model.safetensors"
+    torch.save(load_file(file), adapter / "adapter_model.bin")
+    file.unlink()
+
+
+def _ia3(work: Path) -> None:
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(work / "base"),
+                           IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]))
+    model.save_pretrained(work / "a")
+
+
+def _other_shape(work: Path) -> None:
+    make_model(work / "wide", vocab_size=128, intermediate_size=96)
+    make_adapter(work / "wide", work / "a", seed=12, r=4, lora_alpha=8, target_modules=["gate_proj"])
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda w: _ia3(w), "experts[1].adapter: " + "{a}/adapter_config.json: peft_type 'IA3' is not supported"),
+        (lambda w: _to_bin(w / "a"), "adapter_model.bin is a pickle"),
+        (lambda w: _edit_config(w / "a", r=8), "do not have rank r=8"),
+        (lambda w: _edit_config(w / "a", use_dora=True), "use_dora is True but the magnitude vector is missing"),
+        (lambda w: _edit_config(w / "a", init_lora_weights="pissa"), "init_lora_weights 'pissa' changes the base"),
+        (lambda w: _edit_config(w / "a", alora_invocation_tokens=[1, 2]), "alora_invocation_tokens is set"),
+        (lambda w: _edit_config(w / "a", layers_pattern="layers"), "adapter_config.json: not a valid LoRA config"),
+        (lambda w: _edit_config(w / "a", rank_pattern={"gate_proj": "4"}),
+         "adapter_config.json: rank_pattern['gate_proj'] must be a positive integer, not '4'"),
+        (lambda w: _add_lora_bias(w / "a", 0.5), "non-zero LoRA bias (lora_bias=True), but "
+                                                 "model.layers.0.mlp.gate_proj.weight has no bias in Mixtral"),
+        (lambda w: _other_shape(w), "experts[1].adapter: LoRA on model.layers.0.mlp.gate_proj fits a weight of shape "
+                                    "[96, 64], {base} has [128, 64]"),
+        (lambda w: (w / "a" / "adapter_config.json").unlink(), "adapter_config.json does not exist"),
+    ],
+    ids=["ia3", "bin", "rank", "dora-missing", "pissa", "alora", "bad-config", "rank-text", "lora-bias", "shape", "no-config"],
+)
+def test_bad_adapters_exit_2(work: Path, spoil, message: str, monkeypatch, capsys) -> None:
+    make_adapter(work / "base", work / "a", seed=13, r=4, lora_alpha=8, target_modules=["gate_proj"])
+    spoil(work)
+    recipe = write_recipe(work, [{"model": "full1"}, {"adapter": "a"}])
+    for command in (["validate", recipe], [recipe, work / "out"]):
+        code, err = run_cli(command, monkeypatch, capsys)
+        assert code == 2, err
+        assert message.replace("{a}", str(work / "a")).replace("{base}", str(work / "base")) in err
+    assert not (work / "out").exists()
+
+
+def test_zero_lora_bias_is_accepted(work: Path, monkeypatch, capsys) -> None:
+    make_adapter(work / "base", work / "a", seed=14, r=4, lora_alpha=8, target_modules=["gate_proj"])
+    ref = peft_merged(work / "base", work / "a")
+    _add_lora_bias(work / "a", 0.0)
+    out, _ = build(work, [{"model": "full1"}, {"adapter": "a"}], monkeypatch, capsys)
+    close(out["model.layers.0.block_sparse_moe.experts.1.w1.weight"], ref["model.layers.0.mlp.gate_proj.weight"])
+
+
+@pytest.mark.parametrize(
+    "experts, extra, message",
+    [
+        ([{"model": "full1"}, {"name": "x"}], {}, "experts[1]: give model:, adapter: or both"),
+        ([{"model": "full1"}, {"adapter": "a"}], {"shared_deltas": {"from": "zz"}},
+         "shared_deltas.from: 'zz' is not the name of an expert (full1, a)"),
+        ([{"model": "full1"}, {"adapter": "a"}], {"shared_deltas": "mean"},
+         "shared_deltas: use average or drop or {from: <expert name>}, not 'mean'"),
+        ([{"model": "full1"}, {"adapter": "a"}], {"embeddings": {"from": "zz"}}, "embeddings.from: 'zz' is not"),
+        ([{"model": "full1"}, {"adapter": "missing"}], {}, "experts[1].adapter: folder {w}/missing does not exist"),
+    ],
+    ids=["neither", "shared-from", "shared-bad", "embeddings-from", "no-folder"],
+)
+def test_bad_recipes_exit_2(work: Path, experts, extra, message: str, monkeypatch, capsys) -> None:
+    make_adapter(work / "base", work / "a", seed=15, r=4, lora_alpha=8, target_modules=["gate_proj"])
+    code, err = run_cli(["validate", write_recipe(work, experts, **extra)], monkeypatch, capsys)
+    assert code == 2 and message.replace("{w}", str(work)) in err, err
