@@ -8,7 +8,6 @@ MoE that the real CLI builds must hold exactly those weights (float32 rounding a
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from mergekit_mode.cli import main
 from mergekit_mode.toy.models import make_expert, make_model
 
 MLP = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
@@ -53,29 +51,18 @@ def peft_merged(stem: Path, adapter: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
 
 
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """The real command line, in-process: (exit code, stderr then stdout)."""
-    monkeypatch.setattr(sys, "argv", ["mergekit-mode", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.err + captured.out
-
-
 def write_recipe(folder: Path, experts: list[dict], **extra: object) -> Path:
     recipe = folder / "recipe.yml"
     recipe.write_text(json.dumps({"base_model": "base", "experts": experts, **extra}))  # JSON is YAML
     return recipe
 
 
-def build(folder: Path, experts: list[dict], monkeypatch, capsys, **extra: object) -> tuple[dict, str]:
+def build(folder: Path, experts: list[dict], run_cli, **extra: object) -> tuple[dict, str]:
+    """Build with the real CLI; the output's tensors and the warnings printed."""
     out = folder / "out"
-    code, err = run_cli([write_recipe(folder, experts, **extra), out, "-q", "--force"], monkeypatch, capsys)
-    assert code == 0, err
-    return load_file(out / "model.safetensors"), err
+    result = run_cli(write_recipe(folder, experts, **extra), out, "-q", "--force")
+    assert result.code == 0, result.err
+    return load_file(out / "model.safetensors"), result.err
 
 
 def close(ours: torch.Tensor, ref: torch.Tensor) -> None:
@@ -103,9 +90,9 @@ def work(models: Path, tmp_path: Path) -> Path:
     ],
     ids=["lora", "rslora", "patterns", "dora", "dora-rslora-pattern"],
 )
-def test_adapter_expert_equals_peft_merge(work: Path, lora: dict, monkeypatch, capsys) -> None:
+def test_adapter_expert_equals_peft_merge(work: Path, lora: dict, run_cli) -> None:
     make_adapter(work / "base", work / "code", seed=3, **lora)
-    out, _ = build(work, [{"model": "full1"}, {"adapter": "code"}], monkeypatch, capsys)
+    out, _ = build(work, [{"model": "full1"}, {"adapter": "code"}], run_cli)
     ref = peft_merged(work / "base", work / "code")
     for layer in range(LAYERS):
         for proj, mlp in MLP.items():
@@ -115,13 +102,13 @@ def test_adapter_expert_equals_peft_merge(work: Path, lora: dict, monkeypatch, c
         close(out[f"model.layers.{layer}.self_attn.q_proj.weight"], ref[f"model.layers.{layer}.self_attn.q_proj.weight"])
 
 
-def test_average_is_mean_of_peft_merges(work: Path, monkeypatch, capsys) -> None:
+def test_average_is_mean_of_peft_merges(work: Path, run_cli) -> None:
     """`average`: base + mean over ALL adapter experts of their changes; one that leaves v_proj alone
     counts as zero change there; the full fine-tunes' attention (full1 has some) is not used."""
     make_adapter(work / "base", work / "a", seed=4, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"])
     make_adapter(work / "base", work / "b", seed=5, r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "up_proj"])
     experts = [{"model": "full1"}, {"model": "full2"}, {"adapter": "a"}, {"adapter": "b"}]
-    out, _ = build(work, experts, monkeypatch, capsys)
+    out, _ = build(work, experts, run_cli)
     ref = [peft_merged(work / "base", work / name) for name in ("a", "b")]
     base = load_file(work / "base" / "model.safetensors")
     for layer in range(LAYERS):
@@ -132,19 +119,19 @@ def test_average_is_mean_of_peft_merges(work: Path, monkeypatch, capsys) -> None
                            base[f"model.layers.{layer}.self_attn.k_proj.weight"])
 
     key = "model.layers.0.self_attn.q_proj.weight"
-    dropped, _ = build(work, experts, monkeypatch, capsys, shared_deltas="drop")
+    dropped, _ = build(work, experts, run_cli, shared_deltas="drop")
     assert torch.equal(dropped[key], base[key])
-    from_b, _ = build(work, experts, monkeypatch, capsys, shared_deltas={"from": "b"})
+    from_b, _ = build(work, experts, run_cli, shared_deltas={"from": "b"})
     close(from_b[key], ref[1][key])
-    from_full, _ = build(work, experts, monkeypatch, capsys, shared_deltas={"from": "full1"})
+    from_full, _ = build(work, experts, run_cli, shared_deltas={"from": "full1"})
     assert torch.equal(from_full[key], load_file(work / "full1" / "model.safetensors")[key])
 
 
-def test_mixed_recipe_loads_in_transformers(work: Path, monkeypatch, capsys) -> None:
+def test_mixed_recipe_loads_in_transformers(work: Path, run_cli) -> None:
     make_adapter(work / "base", work / "a", seed=6, r=4, lora_alpha=8, target_modules=ALL_LINEAR)
     make_adapter(work / "base", work / "b", seed=7, r=4, lora_alpha=8, use_dora=True, target_modules=["gate_proj"])
     experts = [{"model": "full1"}, {"adapter": "a", "name": "code"}, {"model": "full2"}, {"adapter": "b"}]
-    build(work, experts, monkeypatch, capsys)
+    build(work, experts, run_cli)
     model, info = AutoModelForCausalLM.from_pretrained(work / "out", output_loading_info=True)
     assert model.config.model_type == "mixtral" and model.config.num_local_experts == 4
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -154,11 +141,11 @@ def test_mixed_recipe_loads_in_transformers(work: Path, monkeypatch, capsys) -> 
     assert "mean of the adapter experts' changes" in card
 
 
-def test_adapter_on_a_fine_tune(work: Path, monkeypatch, capsys) -> None:
+def test_adapter_on_a_fine_tune(work: Path, run_cli) -> None:
     """`model:` and `adapter:` together: the adapter merges into that fine-tune; an adapter recorded
     against another base gets a warning naming both."""
     make_adapter(work / "base", work / "a", seed=8, r=4, lora_alpha=8, target_modules=["gate_proj", "q_proj"])
-    out, err = build(work, [{"model": "full2"}, {"model": "full1", "adapter": "a", "name": "x"}], monkeypatch, capsys)
+    out, err = build(work, [{"model": "full2"}, {"model": "full1", "adapter": "a", "name": "x"}], run_cli)
     ref = peft_merged(work / "full1", work / "a")
     close(out["model.layers.1.block_sparse_moe.experts.1.w1.weight"], ref["model.layers.1.mlp.gate_proj.weight"])
     assert torch.equal(out["model.layers.1.block_sparse_moe.experts.1.w2.weight"],
@@ -171,39 +158,40 @@ def test_adapter_on_a_fine_tune(work: Path, monkeypatch, capsys) -> None:
     assert "experts[1].adapter: adapter_config.json records base" in err and "full1" in err
 
 
-def test_fan_in_fan_out_ignored_as_peft_does(work: Path, monkeypatch, capsys) -> None:
+def test_fan_in_fan_out_ignored_as_peft_does(work: Path, run_cli) -> None:
     adapter = make_adapter(work / "base", work / "a", seed=9, r=4, lora_alpha=8, target_modules=["gate_proj", "q_proj"])
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
-    out, err = build(work, [{"model": "full1"}, {"adapter": "a"}], monkeypatch, capsys)
+    out, err = build(work, [{"model": "full1"}, {"adapter": "a"}], run_cli)
     ref = peft_merged(work / "base", adapter)
     close(out["model.layers.0.block_sparse_moe.experts.1.w1.weight"], ref["model.layers.0.mlp.gate_proj.weight"])
     assert "fan_in_fan_out is true; peft ignores it" in err
 
 
-def test_embeddings_need_a_policy(work: Path, monkeypatch, capsys) -> None:
+def test_embeddings_need_a_policy(work: Path, run_cli) -> None:
     """LoRA (with DoRA: the transposed, column-norm case) on embed_tokens and lm_head in
     modules_to_save: refused without `embeddings`, the expert's with {from:}, the base's with base."""
     make_adapter(work / "base", work / "a", seed=10, r=4, lora_alpha=8, use_dora=True,
                  target_modules=["embed_tokens", "gate_proj"], modules_to_save=["lm_head"])
     experts = [{"model": "full1"}, {"adapter": "a"}]
-    code, err = run_cli([write_recipe(work, experts), work / "out"], monkeypatch, capsys)
-    assert code == 2 and "experts[1].adapter: changes model.embed_tokens.weight" in err and "embeddings:" in err
-    out, _ = build(work, experts, monkeypatch, capsys, embeddings={"from": "a"})
+    result = run_cli(write_recipe(work, experts), work / "out")
+    assert result.code == 2 and "experts[1].adapter: changes model.embed_tokens.weight" in result.err
+    assert "set `embeddings: base` or `embeddings: {from: a}`" in result.err
+    out, _ = build(work, experts, run_cli, embeddings={"from": "a"})
     ref = peft_merged(work / "base", work / "a")
     close(out["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
     close(out["lm_head.weight"], ref["lm_head.weight"])
     base = load_file(work / "base" / "model.safetensors")
-    kept, _ = build(work, experts, monkeypatch, capsys, embeddings="base")
+    kept, _ = build(work, experts, run_cli, embeddings="base")
     assert torch.equal(kept["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     assert torch.equal(kept["lm_head.weight"], base["lm_head.weight"])
 
 
-def test_dry_run_shows_merges(work: Path, monkeypatch, capsys) -> None:
+def test_dry_run_shows_merges(work: Path, run_cli) -> None:
     make_adapter(work / "base", work / "a", seed=11, r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "up_proj"])
-    code, text = run_cli([write_recipe(work, [{"model": "full1"}, {"adapter": "a"}]), work / "out", "--dry-run"],
-                         monkeypatch, capsys)
-    assert code == 0, text
+    result = run_cli(write_recipe(work, [{"model": "full1"}, {"adapter": "a"}]), work / "out", "--dry-run")
+    assert result.code == 0, result.err
+    text = result.out
     assert "experts.1.w3.weight" in text and "base:model.layers.0.mlp.up_proj.weight + lora a (scale 2, dora)" in text
     assert "base:model.layers.1.self_attn.q_proj.weight + (Δa) / 1" in text
     assert not (work / "out").exists()
@@ -260,22 +248,22 @@ def _other_shape(work: Path) -> None:
     ],
     ids=["ia3", "bin", "rank", "dora-missing", "pissa", "alora", "bad-config", "rank-text", "lora-bias", "shape", "no-config"],
 )
-def test_bad_adapters_exit_2(work: Path, spoil, message: str, monkeypatch, capsys) -> None:
+def test_bad_adapters_exit_2(work: Path, spoil, message: str, run_cli) -> None:
     make_adapter(work / "base", work / "a", seed=13, r=4, lora_alpha=8, target_modules=["gate_proj"])
     spoil(work)
     recipe = write_recipe(work, [{"model": "full1"}, {"adapter": "a"}])
     for command in (["validate", recipe], [recipe, work / "out"]):
-        code, err = run_cli(command, monkeypatch, capsys)
-        assert code == 2, err
-        assert message.replace("{a}", str(work / "a")).replace("{base}", str(work / "base")) in err
+        result = run_cli(*command)
+        assert result.code == 2, result.err
+        assert message.replace("{a}", str(work / "a")).replace("{base}", str(work / "base")) in result.err
     assert not (work / "out").exists()
 
 
-def test_zero_lora_bias_is_accepted(work: Path, monkeypatch, capsys) -> None:
+def test_zero_lora_bias_is_accepted(work: Path, run_cli) -> None:
     make_adapter(work / "base", work / "a", seed=14, r=4, lora_alpha=8, target_modules=["gate_proj"])
     ref = peft_merged(work / "base", work / "a")
     _add_lora_bias(work / "a", 0.0)
-    out, _ = build(work, [{"model": "full1"}, {"adapter": "a"}], monkeypatch, capsys)
+    out, _ = build(work, [{"model": "full1"}, {"adapter": "a"}], run_cli)
     close(out["model.layers.0.block_sparse_moe.experts.1.w1.weight"], ref["model.layers.0.mlp.gate_proj.weight"])
 
 
@@ -292,7 +280,7 @@ def test_zero_lora_bias_is_accepted(work: Path, monkeypatch, capsys) -> None:
     ],
     ids=["neither", "shared-from", "shared-bad", "embeddings-from", "no-folder"],
 )
-def test_bad_recipes_exit_2(work: Path, experts, extra, message: str, monkeypatch, capsys) -> None:
+def test_bad_recipes_exit_2(work: Path, experts, extra, message: str, run_cli) -> None:
     make_adapter(work / "base", work / "a", seed=15, r=4, lora_alpha=8, target_modules=["gate_proj"])
-    code, err = run_cli(["validate", write_recipe(work, experts, **extra)], monkeypatch, capsys)
-    assert code == 2 and message.replace("{w}", str(work)) in err, err
+    result = run_cli("validate", write_recipe(work, experts, **extra))
+    assert result.code == 2 and message.replace("{w}", str(work)) in result.err, result.err
