@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import torch
 
@@ -19,7 +19,7 @@ from mergekit_mode.adapters import CONFIG_FILE, AdapterFolder, check_biases, rec
 from mergekit_mode.errors import ModeError
 from mergekit_mode.formats import mixtral
 from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder, TensorReader
-from mergekit_mode.recipe import FromExpert, LoadedRecipe
+from mergekit_mode.recipe import FromExpert, LoadedRecipe, Recipe
 
 BASE = "base"
 
@@ -304,6 +304,24 @@ def _model_sources(op: Op) -> list[Source]:
     return []
 
 
+def _unused_changes(experts: dict[str, _Expert], recipe: Recipe) -> Iterator[str]:
+    """Adapters' changes that the chosen policies leave out: legal, but worth a line."""
+    embeddings = (mixtral.EMBED, mixtral.LM_HEAD)
+    for expert in experts.values():
+        if expert.adapter is None:
+            continue
+        changed = [*expert.adapter.modules, *expert.adapter.saved]
+        groups = (
+            ("shared_deltas", recipe.shared_deltas, "average",
+             [t for t in changed if t not in embeddings and not t.endswith(tuple(mixtral.EXPERT_FROM_MLP.values()))]),
+            ("embeddings", recipe.embeddings, None, [t for t in changed if t in embeddings]),
+        )
+        for key, policy, keeps_all, tensors in groups:
+            kept = policy == keeps_all or (isinstance(policy, FromExpert) and policy.from_ == expert.name)
+            if tensors and not kept:
+                yield f"{key}: {expert.name}'s changes of {len(tensors)} tensors are not used (first {tensors[0]})"
+
+
 def _warnings(loaded: LoadedRecipe, inputs: dict[str, Input], experts: dict[str, _Expert], fields: dict[str, str]):
     recipe = loaded.recipe
     k = recipe.router.experts_per_token
@@ -322,6 +340,7 @@ def _warnings(loaded: LoadedRecipe, inputs: dict[str, Input], experts: dict[str,
         if expert.adapter.config.fan_in_fan_out:
             yield (f"{field}: fan_in_fan_out is true; peft ignores it for Linear and Embedding layers "
                    "(it sets it to false when loading), and so does mergekit-mode")
+    yield from _unused_changes(experts, recipe)
 
 
 def build_plan(loaded: LoadedRecipe) -> Plan:

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from mergekit_mode.toy.adapters import make_adapter, make_demo
 from mergekit_mode.toy.models import make_expert, make_model
 
 MLP = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
@@ -31,18 +32,6 @@ def models(tmp_path_factory) -> Path:
     make_expert(root / "base", root / "full1", seed=1, attn_scale=0.05)
     make_expert(root / "base", root / "full2", seed=2)
     return root
-
-
-def make_adapter(stem: Path, out: Path, seed: int, **lora: object) -> Path:
-    """A peft LoRA of the model in `stem` with random A, B (and DoRA magnitudes), saved by peft."""
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(stem), LoraConfig(init_lora_weights=False, **lora))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_magnitude_vector" in name:  # DoRA starts at ||W||; move it so it matters
-                param.mul_(1 + 0.1 * torch.randn_like(param))
-    model.save_pretrained(out)
-    return out
 
 
 def peft_merged(stem: Path, adapter: Path) -> dict[str, torch.Tensor]:
@@ -119,10 +108,12 @@ def test_average_is_mean_of_peft_merges(work: Path, run_cli) -> None:
                            base[f"model.layers.{layer}.self_attn.k_proj.weight"])
 
     key = "model.layers.0.self_attn.q_proj.weight"
-    dropped, _ = build(work, experts, run_cli, shared_deltas="drop")
+    dropped, err = build(work, experts, run_cli, shared_deltas="drop")
     assert torch.equal(dropped[key], base[key])
-    from_b, _ = build(work, experts, run_cli, shared_deltas={"from": "b"})
+    assert "shared_deltas: a's changes of 4 tensors are not used (first model.layers.0.self_attn.q_proj" in err
+    from_b, err = build(work, experts, run_cli, shared_deltas={"from": "b"})
     close(from_b[key], ref[1][key])
+    assert "a's changes of 4 tensors are not used" in err and "b's changes" not in err
     from_full, _ = build(work, experts, run_cli, shared_deltas={"from": "full1"})
     assert torch.equal(from_full[key], load_file(work / "full1" / "model.safetensors")[key])
 
@@ -182,7 +173,8 @@ def test_embeddings_need_a_policy(work: Path, run_cli) -> None:
     close(out["model.embed_tokens.weight"], ref["model.embed_tokens.weight"])
     close(out["lm_head.weight"], ref["lm_head.weight"])
     base = load_file(work / "base" / "model.safetensors")
-    kept, _ = build(work, experts, run_cli, embeddings="base")
+    kept, err = build(work, experts, run_cli, embeddings="base")
+    assert "embeddings: a's changes of 2 tensors are not used" in err
     assert torch.equal(kept["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     assert torch.equal(kept["lm_head.weight"], base["lm_head.weight"])
 
@@ -284,3 +276,15 @@ def test_bad_recipes_exit_2(work: Path, experts, extra, message: str, run_cli) -
     make_adapter(work / "base", work / "a", seed=15, r=4, lora_alpha=8, target_modules=["gate_proj"])
     result = run_cli("validate", write_recipe(work, experts, **extra))
     assert result.code == 2 and message.replace("{w}", str(work)) in result.err, result.err
+
+
+def test_example_recipe_builds(tmp_path: Path, run_cli) -> None:
+    """recipes/adapters.yml, on the folders its comment says how to make."""
+    make_demo(tmp_path / "adapters-demo")
+    recipe = tmp_path / "adapters.yml"
+    recipe.write_text((Path(__file__).parent.parent / "recipes" / "adapters.yml").read_text())
+    assert run_cli("validate", recipe).code == 0
+    result = run_cli(recipe, tmp_path / "out", "-q")
+    assert result.code == 0 and not result.err, result.err
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
