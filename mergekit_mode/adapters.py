@@ -161,20 +161,26 @@ def _parse_tensors(
                 stem = key.removesuffix(a_suffix)
                 lora = _lora_module(tensors, config, module, stem, (a_suffix, b_suffix), where)
                 modules[lora.weight] = lora
-                claimed.update(k for k in tensors if k.startswith(stem + ".lora_") or k == stem + _SAVED_BASE_LAYER)
+                claimed.update(stem + s for s in (a_suffix, b_suffix, _MAGNITUDE, _BIAS, _SAVED_BASE_LAYER))
     to_save = set(config.modules_to_save or ())
     for key, info in tensors.items():
         if key in claimed:
             continue
         name = key.removeprefix(KEY_PREFIX)
-        module = name.rsplit(".", 1)[0]
-        if module.rsplit(".", 1)[-1] in to_save or module in to_save:
+        if _saved_by(name, to_save):
             saved[name] = info
             continue
         raise ModeError(f"{where}: tensor {key!r} is not a LoRA A/B/magnitude tensor nor a module in modules_to_save")
     if not modules and not saved:
         raise ModeError(f"{where}: holds no LoRA tensors")
     return modules, saved
+
+
+def _saved_by(name: str, to_save: set[str]) -> bool:
+    """Whether tensor `name` belongs to a module in modules_to_save: peft saves a module whose name
+    ends with an entry, with everything below it."""
+    parts = name.split(".")[:-1]
+    return any(".".join(parts[:j]).endswith(entry) for j in range(1, len(parts) + 1) for entry in to_save)
 
 
 def _lora_module(
@@ -185,13 +191,15 @@ def _lora_module(
     lora_B = tensors.get(stem + b_suffix)
     if lora_B is None:
         raise ModeError(f"{where}: has {stem + a_suffix} but not its {b_suffix.lstrip('.')}")
+    magnitude = tensors.get(stem + _MAGNITUDE)
+    for info in (lora_A, lora_B, magnitude):
+        if info is not None and not info.dtype.is_floating_point:
+            raise ModeError(f"{where}: tensor {info.name} is {info.dtype}, not a float")
     r, alpha = _rank_and_alpha(config, module)
     transpose = suffixes == _EMBEDDING
-    a_rank, b_rank = lora_A.shape[0], lora_B.shape[1]
-    if len(lora_A.shape) != 2 or len(lora_B.shape) != 2 or (a_rank, b_rank) != (r, r):
+    if len(lora_A.shape) != 2 or len(lora_B.shape) != 2 or (lora_A.shape[0], lora_B.shape[1]) != (r, r):
         raise ModeError(f"{where}: {module}: A {list(lora_A.shape)} and B {list(lora_B.shape)} do not have rank r={r} "
                         "(from r / rank_pattern in adapter_config.json)")
-    magnitude = tensors.get(stem + _MAGNITUDE)
     out_dim = lora_B.shape[0]  # DoRA's norms: one per output row, or per embedding column
     if config.use_dora != (magnitude is not None):
         raise ModeError(f"{where}: {module}: use_dora is {config.use_dora} but the magnitude vector is "

@@ -14,7 +14,8 @@ import torch
 from mergekit_mode.adapters import merge_lora
 from mergekit_mode.errors import ModeError
 from mergekit_mode.inputs import TensorReader
-from mergekit_mode.plan import Copy, LoraMerge, Mean, OutputTensor, Plan, RouterWeights, Source
+from mergekit_mode.ops import Copy, LoraMerge, Mean, RouterWeights, Source
+from mergekit_mode.plan import OutputTensor, Plan
 from mergekit_mode.writer import ShardedWriter
 
 Progress = Callable[[OutputTensor], None]

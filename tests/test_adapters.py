@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import IA3Config, PeftModel, get_peft_model
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -177,6 +177,31 @@ def test_embeddings_need_a_policy(work: Path, run_cli) -> None:
     assert "embeddings: a's changes of 2 tensors are not used" in err
     assert torch.equal(kept["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     assert torch.equal(kept["lm_head.weight"], base["lm_head.weight"])
+
+
+def test_saved_modules_are_the_experts_own(work: Path, run_cli) -> None:
+    """modules_to_save outside the embeddings: a saved MLP projection is the expert's; a saved norm
+    is a change like any other and is averaged (here over 2 adapter experts)."""
+    adapter = work / "a"
+    torch.manual_seed(16)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(work / "base"), LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=["gate_proj"],
+        modules_to_save=["up_proj", "post_attention_layernorm"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(adapter)
+    make_adapter(work / "base", work / "b", seed=17, r=2, lora_alpha=2, target_modules=["down_proj"])
+    out, _ = build(work, [{"model": "full1"}, {"adapter": "a"}, {"adapter": "b"}], run_cli)
+    ref = peft_merged(work / "base", adapter)
+    base = load_file(work / "base" / "model.safetensors")
+    for layer in range(LAYERS):
+        for proj, mlp in MLP.items():
+            close(out[f"model.layers.{layer}.block_sparse_moe.experts.1.{proj}.weight"],
+                  ref[f"model.layers.{layer}.mlp.{mlp}.weight"])
+        key = f"model.layers.{layer}.post_attention_layernorm.weight"
+        close(out[key], (ref[key] + base[key]) / 2)
 
 
 def test_dry_run_shows_merges(work: Path, run_cli) -> None:

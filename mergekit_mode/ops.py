@@ -1,0 +1,88 @@
+"""The plan's vocabulary: where an output tensor comes from, as small frozen dataclasses.
+
+Ops are plain data (printable for `--dry-run`, comparable in tests); the executor gives them
+meaning. A `Source` names a tensor of one input of the plan: the base, a full fine-tune, an
+adapter (keyed by its expert's name) or the fine-tune an adapter is applied to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A tensor of an input: `model` is an input key of the plan (BASE, an expert's name for its
+    fine-tune or its adapter, experts.model_key(name) for the fine-tune an adapter is applied to)."""
+
+    model: str
+    tensor: str
+
+    def __str__(self) -> str:
+        return f"{self.model}:{self.tensor}"
+
+
+@dataclass(frozen=True)
+class Copy:
+    """The output is the source tensor, cast to the output dtype."""
+
+    source: Source
+
+    def __str__(self) -> str:
+        return f"copy {self.source}"
+
+
+@dataclass(frozen=True)
+class RouterWeights:
+    """The output is the router of `layer`, made by the recipe's router mode."""
+
+    layer: int
+    mode: str
+
+    def __str__(self) -> str:
+        return f"router {self.mode} (layer {self.layer})"
+
+
+@dataclass(frozen=True)
+class LoraMerge:
+    """The output is `base` with an expert's LoRA merged in (adapters.merge_lora), in float32."""
+
+    base: Source
+    lora_A: Source
+    lora_B: Source
+    scale: float
+    transpose: bool  # embedding layers: peft merges (B @ A).T
+    magnitude: Source | None = None  # DoRA
+
+    def __str__(self) -> str:
+        dora = ", dora" if self.magnitude else ""
+        return f"{self.base} + lora {self.lora_A.model} (scale {self.scale:g}{dora})"
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one expert's adapter does to a tensor: `new` minus the weights `old` it was applied to."""
+
+    expert: str
+    new: Union[LoraMerge, Copy]
+    old: Source
+
+
+@dataclass(frozen=True)
+class Mean:
+    """The output is `base` plus the sum of the changes divided by `count`: the mean change over
+    `count` experts, those not listed counting as a zero change (the `average` shared-delta policy)."""
+
+    base: Source
+    changes: tuple[Change, ...]
+    count: int
+
+    def __str__(self) -> str:
+        terms = " + ".join(f"Δ{c.expert}" for c in self.changes)
+        return f"{self.base} + ({terms}) / {self.count}"
+
+
+Op = Union[Copy, RouterWeights, LoraMerge, Mean]
