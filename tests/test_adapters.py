@@ -91,6 +91,15 @@ def test_adapter_expert_equals_peft_merge(work: Path, lora: dict, run_cli) -> No
         close(out[f"model.layers.{layer}.self_attn.q_proj.weight"], ref[f"model.layers.{layer}.self_attn.q_proj.weight"])
 
 
+def test_merged_in_float32_then_cast(work: Path, run_cli) -> None:
+    make_adapter(work / "base", work / "a", seed=18, r=4, lora_alpha=8, use_dora=True, target_modules=["gate_proj"])
+    out, _ = build(work, [{"model": "full1"}, {"adapter": "a"}], run_cli, dtype="bfloat16")
+    merged = out["model.layers.0.block_sparse_moe.experts.1.w1.weight"]
+    ref = peft_merged(work / "base", work / "a")["model.layers.0.mlp.gate_proj.weight"]
+    assert merged.dtype == torch.bfloat16
+    assert (merged != ref.to(torch.bfloat16)).float().mean() < 0.01  # a float32 ulp may flip a rounding
+
+
 def test_average_is_mean_of_peft_merges(work: Path, run_cli) -> None:
     """`average`: base + mean over ALL adapter experts of their changes; one that leaves v_proj alone
     counts as zero change there; the full fine-tunes' attention (full1 has some) is not used."""
