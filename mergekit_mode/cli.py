@@ -20,6 +20,7 @@ MAIN_HELP = """Build a Mixture-of-Domain-Experts model in the canonical Mixtral 
     mergekit-mode RECIPE.yml OUT/     build the model described by RECIPE into OUT/
     mergekit-mode validate RECIPE...  check recipes and their inputs (no weights read)
     mergekit-mode schema              print the recipe's JSON Schema
+    mergekit-mode demo [OUT/]         train tiny experts here and build a MoE of them
 
 The base model gives attention, embeddings, norms and tokenizer; each expert (a fine-tune of the
 base) brings its MLP; a router picks experts per token. The output loads in transformers,
@@ -105,6 +106,23 @@ def schema() -> None:
     from mergekit_mode.recipe import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path), default=Path("demo-out"))
+@click.option("--pretrain-steps", default=300, show_default=True, help="Training steps of the tiny base.")
+@click.option("--finetune-steps", default=150, show_default=True, help="Training steps of each expert.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+def demo(out: Path, pretrain_steps: int, finetune_steps: int, force: bool) -> None:
+    """Train tiny domain experts on this machine and build a MoE of them into OUT.
+
+    Needs no download: it makes four synthetic text domains, a tokenizer, a tiny Llama base and
+    one expert per domain (about a minute on 2 CPU cores), writes OUT/recipe.yml, builds
+    OUT/moe with it, and prints each model's perplexity on every domain.
+    """
+    from mergekit_mode.demo import demo as run_demo
+
+    run_demo(out, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, force=force)
 
 
 def main(args: list[str] | None = None) -> None:

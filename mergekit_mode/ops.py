@@ -1,7 +1,8 @@
 """The plan's vocabulary: where an output tensor comes from, as small frozen dataclasses.
 
 Ops are plain data (printable for `--dry-run`, comparable in tests); the executor gives them
-meaning. A `Source` names a tensor of one input of the plan: the base, a full fine-tune, an
+meaning. Each op lists its `sources` in the order the executor reads them, so the reader can
+fetch them ahead (Plan.reads). A `Source` names a tensor of one input of the plan: the base, a full fine-tune, an
 adapter (keyed by its expert's name) or the fine-tune an adapter is applied to.
 """
 
@@ -31,6 +32,10 @@ class Copy:
 
     source: Source
 
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        return (self.source,)
+
     def __str__(self) -> str:
         return f"copy {self.source}"
 
@@ -41,6 +46,10 @@ class RouterWeights:
 
     layer: int
     mode: str
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        return ()  # computed before the write pass, reads nothing here
 
     def __str__(self) -> str:
         return f"router {self.mode} (layer {self.layer})"
@@ -56,6 +65,15 @@ class LoraMerge:
     scale: float
     transpose: bool  # embedding layers: peft merges (B @ A).T
     magnitude: Source | None = None  # DoRA
+
+    @property
+    def lora_sources(self) -> tuple[Source, ...]:
+        """The adapter's tensors, in read order (after `base`)."""
+        return (self.lora_A, self.lora_B) + ((self.magnitude,) if self.magnitude else ())
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        return (self.base,) + self.lora_sources
 
     def __str__(self) -> str:
         dora = ", dora" if self.magnitude else ""
@@ -79,6 +97,16 @@ class Mean:
     base: Source
     changes: tuple[Change, ...]
     count: int
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        """`base`, then per change: its `old` unless that is `base`, and what `new` reads besides `old`."""
+        reads = [self.base]
+        for change in self.changes:
+            if change.old != self.base:
+                reads.append(change.old)
+            reads += change.new.lora_sources if isinstance(change.new, LoraMerge) else change.new.sources
+        return tuple(reads)
 
     def __str__(self) -> str:
         terms = " + ".join(f"Δ{c.expert}" for c in self.changes)

@@ -20,7 +20,7 @@ from mergekit_mode.errors import ModeError
 from mergekit_mode.experts import (Expert, Input, adapter_warnings, check_tied_lm_head, embedding_op, experts_of,
                                    model_key, shared_op)
 from mergekit_mode.formats import mixtral
-from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder
+from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder, TensorInfo
 from mergekit_mode.ops import BASE, Copy, LoraMerge, Mean, Op, RouterWeights, Source
 from mergekit_mode.recipe import LoadedRecipe
 
@@ -48,6 +48,10 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    def reads(self) -> list[TensorInfo]:
+        """Every input tensor the plan reads, in the order the executor asks for them."""
+        return [self.inputs[s.model].tensors[s.tensor] for t in self.tensors for s in t.op.sources]
 
     def describe(self) -> str:
         """The plan as text: one line per output tensor, then a summary (what --dry-run prints)."""
@@ -129,17 +133,6 @@ def _output_dtype(loaded: LoadedRecipe, base: ModelFolder) -> torch.dtype:
     return embed.dtype if embed is not None and embed.dtype in _DTYPES.values() else torch.float32
 
 
-def _model_sources(op: Op) -> list[Source]:
-    """The model-folder tensors an op reads (adapter tensors were checked when opened)."""
-    if isinstance(op, Copy):
-        return [op.source]
-    if isinstance(op, LoraMerge):
-        return [op.base]
-    if isinstance(op, Mean):
-        return [op.base] + [s for c in op.changes for s in _model_sources(c.new)]
-    return []
-
-
 def _warnings(
     loaded: LoadedRecipe, inputs: dict[str, Input], experts: dict[str, Expert], fields: dict[str, str]
 ) -> Iterator[str]:
@@ -169,8 +162,10 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
     def output(name: str, tensor: str, op: Op) -> OutputTensor:
         """`name` in the output, made by `op` from the base tensor `tensor` (or its versions)."""
         shape = _tensor(base, tensor, "base_model").shape
-        for src in _model_sources(op):
-            _tensor(inputs[src.model], src.tensor, fields[src.model], shape)
+        for src in op.sources:  # model tensors; adapters' were checked against them when opened
+            folder = inputs[src.model]
+            if isinstance(folder, ModelFolder):
+                _tensor(folder, src.tensor, fields[src.model], shape)
         used.add(tensor)
         return OutputTensor(name, shape, dtype, op)
 

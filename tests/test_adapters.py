@@ -16,6 +16,8 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from mergekit_mode.build import plan_recipe
+from mergekit_mode.inputs import TensorInfo, TensorReader
 from mergekit_mode.toy.adapters import make_adapter, make_demo
 from mergekit_mode.toy.models import make_expert, make_model
 
@@ -211,6 +213,21 @@ def test_saved_modules_are_the_experts_own(work: Path, run_cli) -> None:
                   ref[f"model.layers.{layer}.mlp.{mlp}.weight"])
         key = f"model.layers.{layer}.post_attention_layernorm.weight"
         close(out[key], (ref[key] + base[key]) / 2)
+
+
+def test_reads_follow_the_plan_order(work: Path, run_cli, monkeypatch) -> None:
+    """The prefetcher reads Plan.reads() ahead in order; the executor must ask in exactly that order
+    (a mismatch would silently read everything twice). Covers LoraMerge, DoRA and Mean over an
+    adapter on a fine-tune."""
+    make_adapter(work / "base", work / "a", seed=19, r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "up_proj"])
+    make_adapter(work / "base", work / "b", seed=20, r=2, lora_alpha=4, target_modules=["q_proj", "gate_proj"])
+    recipe = write_recipe(work, [{"model": "full1"}, {"adapter": "a"}, {"adapter": "b", "model": "full2"}])
+    plan = plan_recipe(recipe)
+    calls: list[TensorInfo] = []
+    original = TensorReader.read
+    monkeypatch.setattr(TensorReader, "read", lambda self, info: calls.append(info) or original(self, info))
+    assert run_cli(recipe, work / "out", "-q").code == 0
+    assert calls == plan.reads()
 
 
 def test_dry_run_shows_merges(work: Path, run_cli) -> None:
