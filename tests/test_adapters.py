@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from mergekit_mode.build import plan_recipe
 from mergekit_mode.inputs import TensorInfo, TensorReader
-from mergekit_mode.toy.adapters import make_adapter, make_demo
+from mergekit_mode.toy.adapters import make_adapter
 from mergekit_mode.toy.models import make_expert, make_model
 
 MLP = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
@@ -328,14 +328,3 @@ def test_bad_recipes_exit_2(work: Path, experts, extra, message: str, run_cli) -
     result = run_cli("validate", write_recipe(work, experts, **extra))
     assert result.code == 2 and message.replace("{w}", str(work)) in result.err, result.err
 
-
-def test_example_recipe_builds(tmp_path: Path, run_cli) -> None:
-    """recipes/adapters.yml, on the folders its comment says how to make."""
-    make_demo(tmp_path / "adapters-demo")
-    recipe = tmp_path / "adapters.yml"
-    recipe.write_text((Path(__file__).parent.parent / "recipes" / "adapters.yml").read_text())
-    assert run_cli("validate", recipe).code == 0
-    result = run_cli(recipe, tmp_path / "out", "-q")
-    assert result.code == 0 and not result.err, result.err
-    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]

@@ -1,4 +1,4 @@
-"""Tiny peft LoRA adapters, and the folders recipes/adapters.yml builds from.
+"""Tiny peft LoRA adapters, and the ones recipes/adapters.yml builds from.
 
 Adapters are made by peft itself (get_peft_model + save_pretrained), so they carry exactly the
 keys and config a real training run writes; A and B are random and non-zero (a freshly
@@ -13,7 +13,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from .models import make_expert, make_model
 
 
 def make_adapter(stem: Path, out_dir: Path, *, seed: int, **lora: object) -> Path:
@@ -32,14 +31,14 @@ def make_adapter(stem: Path, out_dir: Path, *, seed: int, **lora: object) -> Pat
     return Path(out_dir)
 
 
-def make_demo(folder: Path) -> Path:
-    """The inputs of recipes/adapters.yml: a base, two full fine-tunes, a LoRA and a DoRA adapter."""
-    folder = Path(folder)
-    base = make_model(folder / "base", vocab_size=128)
-    make_expert(base, folder / "code", seed=1)
-    make_expert(base, folder / "prose", seed=2)
-    make_adapter(base, folder / "math-lora", seed=3, r=8, lora_alpha=16,
+def make_demo_adapters(demo_out: Path) -> Path:
+    """The adapters recipes/adapters.yml names, made on the base `mergekit-mode demo` trained:
+    a LoRA on attention and MLP, and a DoRA + rsLoRA adapter (random, so they show the mechanics,
+    not a skill)."""
+    demo_out = Path(demo_out)
+    base = demo_out / "base"
+    make_adapter(base, demo_out / "adapters" / "arithmetic", seed=3, r=8, lora_alpha=16,
                  target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
-    make_adapter(base, folder / "dna-dora", seed=4, r=4, lora_alpha=8, use_dora=True, use_rslora=True,
+    make_adapter(base, demo_out / "adapters" / "dna", seed=4, r=4, lora_alpha=8, use_dora=True, use_rslora=True,
                  target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"])
-    return folder
+    return demo_out / "adapters"
