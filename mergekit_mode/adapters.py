@@ -13,11 +13,13 @@ W, A, B and a magnitude (aLoRA, VeLoRA, Arrow, ...) or whose adapter is relative
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import peft
 import torch
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
@@ -111,6 +113,11 @@ def _read_config(file: Path, field: str) -> LoraConfig:
     if peft_type != "LORA":
         raise ModeError(f"{field}: {file}: peft_type {peft_type!r} is not supported; only LoRA adapters (LORA) merge "
                         "into weights")
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    unknown = sorted(k for k, v in raw.items() if k not in known and v)
+    if unknown:  # a newer peft's option; it may change the merge, so do not guess
+        raise ModeError(f"{field}: {file}: {unknown[0]} is not an option of the installed peft {peft.__version__}; "
+                        "upgrade peft (and mergekit-mode) to merge this adapter")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peft warns about options irrelevant to merging

@@ -280,6 +280,8 @@ def _other_shape(work: Path) -> None:
         (lambda w: _edit_config(w / "a", use_dora=True), "use_dora is True but the magnitude vector is missing"),
         (lambda w: _edit_config(w / "a", init_lora_weights="pissa"), "init_lora_weights 'pissa' changes the base"),
         (lambda w: _edit_config(w / "a", alora_invocation_tokens=[1, 2]), "alora_invocation_tokens is set"),
+        (lambda w: _edit_config(w / "a", use_future_variant=True), "use_future_variant is not an option of the "
+                                                                    "installed peft"),
         (lambda w: _edit_config(w / "a", layers_pattern="layers"), "adapter_config.json: not a valid LoRA config"),
         (lambda w: _edit_config(w / "a", rank_pattern={"gate_proj": "4"}),
          "adapter_config.json: rank_pattern['gate_proj'] must be a positive integer, not '4'"),
@@ -289,7 +291,7 @@ def _other_shape(work: Path) -> None:
                                     "[96, 64], {base} has [128, 64]"),
         (lambda w: (w / "a" / "adapter_config.json").unlink(), "adapter_config.json does not exist"),
     ],
-    ids=["ia3", "bin", "rank", "dora-missing", "pissa", "alora", "bad-config", "rank-text", "lora-bias", "shape", "no-config"],
+    ids=["ia3", "bin", "rank", "dora-missing", "pissa", "alora", "unknown-option", "bad-config", "rank-text", "lora-bias", "shape", "no-config"],
 )
 def test_bad_adapters_exit_2(work: Path, spoil, message: str, run_cli) -> None:
     make_adapter(work / "base", work / "a", seed=13, r=4, lora_alpha=8, target_modules=["gate_proj"])
