@@ -243,16 +243,15 @@ def merge_lora(
     DoRA: m / ||W + delta|| * (W + delta), the norm over each output row (each embedding column),
     taken against the exact base W, as peft's DoraLinearVariant/DoraEmbeddingVariant merge.
     """
-    w = weight.float()
-    delta = lora_B.float() @ lora_A.float()
-    delta = (delta.T if transpose else delta) * scale
-    merged = w + delta
+    a, b = lora_A.float(), lora_B.float()
+    # one fused BLAS call, W + scale * (B @ A), into a new tensor (the caller's W stays intact);
+    # (B @ A).T is A.T @ B.T
+    merged = torch.addmm(weight.float(), *((a.T, b.T) if transpose else (b, a)), alpha=scale)
     if magnitude is None:
         return merged
-    oriented = merged.T if transpose else merged
-    norm = torch.linalg.norm(oriented, dim=1)
+    norm = torch.linalg.norm(merged.T if transpose else merged, dim=1)
     factor = magnitude.float() / norm
-    return merged * (factor.view(1, -1) if transpose else factor.view(-1, 1))
+    return merged.mul_(factor.view(1, -1) if transpose else factor.view(-1, 1))
 
 
 def recorded_base_differs(adapter: AdapterFolder, base: Path) -> str | None:

@@ -48,8 +48,8 @@ class _Inputs:
             old = base if change.old == op.base else self.float(change.old)
             # a LoraMerge's base is its change's `old` (experts.Expert.change); a Copy is a saved module
             new = self.merged(change.new, old) if isinstance(change.new, LoraMerge) else self.float(change.new.source)
-            total += new - old
-        return base + total / op.count
+            total.add_(new).sub_(old)
+        return total.div_(op.count).add_(base)
 
 
 def compute(item: OutputTensor, inputs: _Inputs, routers: list[torch.Tensor]) -> torch.Tensor:
