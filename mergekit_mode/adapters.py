@@ -2,7 +2,7 @@
 
 An adapter is opened like a model folder: adapter_config.json is parsed and validated by peft's own
 `LoraConfig`, and the weights file contributes only its safetensors header, so planning reads no
-weights. Each adapted module becomes a `LoraModule` that tells the planner which base tensor it
+weights (but for LoRA biases, see `check_biases`). Each adapted module becomes a `LoraModule` that tells the planner which base tensor it
 changes and by how much (rank, scale, DoRA magnitude). The merge itself is `merge_lora`, the one
 place where the math lives, computed in float32 as peft's `merge_and_unload()` computes it.
 

@@ -14,7 +14,7 @@ from typing import Iterator, Union
 from mergekit_mode.adapters import CONFIG_FILE, AdapterFolder, check_biases, recorded_base_differs
 from mergekit_mode.errors import ModeError
 from mergekit_mode.formats import mixtral
-from mergekit_mode.inputs import ModelFolder, TensorReader
+from mergekit_mode.inputs import ModelFolder, TensorInfo, TensorReader
 from mergekit_mode.ops import BASE, Change, Copy, LoraMerge, Mean, Op, Source
 from mergekit_mode.recipe import FromExpert, LoadedRecipe, Recipe
 
@@ -65,17 +65,25 @@ def experts_of(loaded: LoadedRecipe, inputs: dict[str, Input], fields: dict[str,
     return experts
 
 
+def _weight(stem: ModelFolder, name: str) -> TensorInfo | None:
+    """The stem's tensor `name`; a tied lm_head is the embedding (the `embeddings` policy decides
+    later what happens to an adapter's change of it)."""
+    if name == mixtral.LM_HEAD and name not in stem.tensors and stem.config.get("tie_word_embeddings"):
+        name = mixtral.EMBED
+    return stem.tensors.get(name)
+
+
 def _check_adapter(adapter: AdapterFolder, stem: Input, field: str) -> None:
     assert isinstance(stem, ModelFolder)
     for lora in adapter.modules.values():
-        info = stem.tensors.get(lora.weight)
+        info = _weight(stem, lora.weight)
         if info is None:
             raise ModeError(f"{field}: LoRA on {lora.weight.removesuffix('.weight')}, which {stem.path} lacks")
         if info.shape != lora.expected_weight_shape():
             raise ModeError(f"{field}: LoRA on {lora.weight.removesuffix('.weight')} fits a weight of shape "
                             f"{list(lora.expected_weight_shape())}, {stem.path} has {list(info.shape)}")
     for name, saved in adapter.saved.items():
-        info = stem.tensors.get(name)
+        info = _weight(stem, name)
         if info is None or info.shape != saved.shape:
             have = f"has shape {list(info.shape)}" if info else "lacks it"
             raise ModeError(f"{field}: saves {name} with shape {list(saved.shape)} (modules_to_save); {stem.path} {have}")

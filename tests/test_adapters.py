@@ -190,6 +190,19 @@ def test_embeddings_need_a_policy(work: Path, run_cli) -> None:
     assert torch.equal(kept["lm_head.weight"], base["lm_head.weight"])
 
 
+def test_tied_base_has_no_lm_head_to_take(tmp_path: Path, run_cli) -> None:
+    make_model(tmp_path / "base", vocab_size=128, tie_word_embeddings=True)
+    make_expert(tmp_path / "base", tmp_path / "full", seed=1)
+    make_adapter(tmp_path / "base", tmp_path / "a", seed=21, r=4, lora_alpha=8, target_modules=["lm_head", "gate_proj"])
+    experts = [{"model": "full"}, {"adapter": "a"}]
+    result = run_cli("validate", write_recipe(tmp_path, experts, embeddings={"from": "a"}))
+    assert result.code == 2 and "embeddings.from: the base ties lm_head to embed_tokens, so a's change" in result.err
+    result = run_cli("validate", write_recipe(tmp_path, experts))
+    assert result.code == 2 and "experts[1].adapter: changes lm_head.weight" in result.err
+    out, _ = build(tmp_path, experts, run_cli, embeddings="base")
+    assert "lm_head.weight" not in out
+
+
 def test_saved_modules_are_the_experts_own(work: Path, run_cli) -> None:
     """modules_to_save outside the embeddings: a saved MLP projection is the expert's; a saved norm
     is a change like any other and is averaged (here over 2 adapter experts)."""
