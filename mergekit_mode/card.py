@@ -40,7 +40,7 @@ def _lora_text(name: str, adapter: AdapterFolder) -> str:
             f"targets {', '.join(targets) or '-'}{saved}")
 
 
-def _policy_text(policy: object, texts: dict[str, str]) -> str:
+def _policy_text(policy: object, texts: dict[object, str]) -> str:
     if isinstance(policy, FromExpert):
         return f"taken from expert `{policy.from_}`"
     return texts[policy]

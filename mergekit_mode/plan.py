@@ -21,7 +21,7 @@ from mergekit_mode.experts import (Expert, Input, adapter_warnings, check_tied_l
                                    model_key, shared_op)
 from mergekit_mode.formats import mixtral
 from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder, TensorInfo
-from mergekit_mode.ops import BASE, Copy, LoraMerge, Mean, Op, RouterWeights, Source
+from mergekit_mode.ops import BASE, Op, RouterWeights
 from mergekit_mode.recipe import LoadedRecipe
 
 @dataclass(frozen=True)
