@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from importlib.metadata import version
+
 from mergekit_mode import __version__
 from mergekit_mode.adapters import AdapterFolder
 from mergekit_mode.plan import BASE, Plan
-from mergekit_mode.recipe import ExpertSpec, FromExpert
+from mergekit_mode.recipe import ExpertSpec, FromExpert, Recipe
+from mergekit_mode.stem import resolve_stem
 
 ROUTER_TEXT = {
     "gateless": "gate-less: every expert runs on every token with equal weight 1/E (router weights are zero)",
@@ -14,7 +18,7 @@ ROUTER_TEXT = {
 }
 
 
-SHARED_TEXT = {
+SHARED_TEXT = {  # stem: base with adapter experts, by shared_deltas
     "average": "the base's plus the mean of the adapter experts' changes (an adapter that leaves a tensor alone "
     "counts as a zero change; full fine-tunes bring only their MLP)",
     "drop": "the base's (adapters' changes outside the MLP are dropped)",
@@ -46,6 +50,21 @@ def _policy_text(policy: object, texts: dict[object, str]) -> str:
     return texts[policy]
 
 
+def stem_text(recipe: Recipe) -> str:
+    """How the shared tensors were made, with the method's parameters as the recipe set them."""
+    stem = resolve_stem(recipe.stem, recipe.expert_names)
+    if stem is None:
+        if all(e.adapter is None for e in recipe.experts):
+            return "copied from the base model"
+        return (f"attention and norms: {_policy_text(recipe.shared_deltas, SHARED_TEXT)}; "
+                "embeddings and lm_head: "
+                + _policy_text(recipe.embeddings, {None: "the base's (no adapter changes them)", "base": "the base's"}))
+    spec = recipe.stem
+    per_model = "".join(f"; {m.model}: `{json.dumps(m.parameters)}`" for m in spec.models or () if m.parameters)
+    return (f"merged by mergekit {version('mergekit')}'s `{stem.method}` of {', '.join(stem.inputs)} "
+            f"(base: {stem.base or 'none'}; seed {stem.seed}), parameters `{json.dumps(spec.parameters)}`{per_model}")
+
+
 def model_card(plan: Plan) -> str:
     recipe = plan.recipe.recipe
     cfg = plan.config
@@ -56,11 +75,7 @@ def model_card(plan: Plan) -> str:
              if spec.adapter is not None]
     adapters = "" if not loras else (
         "\n## Adapters\n\nMerged into their weights as peft's `merge_and_unload()` does, in float32:\n\n"
-        + "\n".join(loras)
-        + f"\n\nAttention and norms, which Mixtral experts share: {_policy_text(recipe.shared_deltas, SHARED_TEXT)}."
-        + "\nEmbeddings and lm_head: "
-        + _policy_text(recipe.embeddings, {None: "the base's (no adapter changes them)", "base": "the base's"})
-        + ".\n"
+        + "\n".join(loras) + "\n"
     )
     return f"""---
 base_model: {recipe.base_model}
@@ -74,13 +89,14 @@ tags:
 # Mixture of Domain Experts
 
 A Mixtral-format Mixture-of-Experts built by [mergekit-mode](https://pypi.org/project/mergekit-mode/)
-{__version__}. The base model `{recipe.base_model}` gives attention, embeddings, norms and the
-tokenizer; each expert brings its MLP.
+{__version__}. The base model `{recipe.base_model}` gives the tokenizer and, unless the recipe's
+`stem:` merges them, attention, embeddings and norms; each expert brings its MLP.
 
 | expert | name | source |
 |---|---|---|
 {rows}
 
+- Shared tensors (embeddings, attention, norms, lm_head): {stem_text(recipe)}.
 - Router `{recipe.router.mode}`: {ROUTER_TEXT[recipe.router.mode]} (seed {recipe.router.seed}).
 - {cfg['num_local_experts']} experts, {cfg['num_experts_per_tok']} per token, {cfg['num_hidden_layers']} layers,
   dtype {cfg['dtype']}, base architecture `{plan.inputs[BASE].model_type}`.

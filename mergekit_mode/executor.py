@@ -14,8 +14,9 @@ from mergekit_mode.adapters import merge_lora
 from mergekit_mode.errors import ModeError
 from mergekit_mode.inputs import Prefetcher, TensorReader
 from mergekit_mode.numerics import all_finite
-from mergekit_mode.ops import Copy, LoraMerge, Mean, RouterWeights, Source
+from mergekit_mode.ops import Copy, LoraMerge, Mean, RouterWeights, Source, StemMerge
 from mergekit_mode.plan import OutputTensor, Plan
+from mergekit_mode.stem import merge
 from mergekit_mode.writer import ShardedWriter
 
 Progress = Callable[[OutputTensor], None]
@@ -41,6 +42,10 @@ class _Inputs:
         magnitude = self.float(op.magnitude) if op.magnitude else None
         return merge_lora(base, lora_A, lora_B, op.scale, op.transpose, magnitude)
 
+    def version(self, op: Copy | LoraMerge) -> torch.Tensor:
+        """One stem model's tensor on the device: as stored, or an adapter expert's merge."""
+        return self.read(op.source).to(self.device) if isinstance(op, Copy) else self.merged(op)
+
     def mean(self, op: Mean) -> torch.Tensor:
         base = self.float(op.base)
         total = torch.zeros_like(base)
@@ -58,16 +63,19 @@ def compute(item: OutputTensor, inputs: _Inputs, routers: list[torch.Tensor]) ->
         tensor = inputs.read(op.source)
         return tensor if tensor.dtype == item.dtype else tensor.to(inputs.device).to(item.dtype)
     if isinstance(op, RouterWeights):
-        tensor, what = routers[op.layer], f"router of layer {op.layer}"
+        tensor, error = routers[op.layer], f"router of layer {op.layer}: contains NaN or Inf"
     elif isinstance(op, LoraMerge):
-        tensor, what = inputs.merged(op), f"{item.name} ({op})"
+        tensor, error = inputs.merged(op), f"{item.name} ({op}): contains NaN or Inf"
     elif isinstance(op, Mean):
-        tensor, what = inputs.mean(op), f"{item.name} ({op})"
+        tensor, error = inputs.mean(op), f"{item.name} ({op}): contains NaN or Inf"
+    elif isinstance(op, StemMerge):
+        tensor = merge(op, item.name, [inputs.version(i) for i in op.inputs], item.dtype)
+        error = f"stem: {op.method} made NaN or Inf in {item.name} (check the weights, e.g. a zero sum)"
     else:
         raise AssertionError(f"no executor for {op!r}")
     tensor = tensor.to(item.dtype)
     if not all_finite(tensor):  # after the cast: a value beyond float16's range is Inf there
-        raise ModeError(f"{what}: contains NaN or Inf")
+        raise ModeError(error)
     return tensor
 
 

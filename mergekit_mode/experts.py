@@ -15,8 +15,9 @@ from mergekit_mode.adapters import CONFIG_FILE, AdapterFolder, check_biases, rec
 from mergekit_mode.errors import ModeError
 from mergekit_mode.formats import mixtral
 from mergekit_mode.inputs import ModelFolder, TensorInfo, TensorReader
-from mergekit_mode.ops import BASE, Change, Copy, LoraMerge, Mean, Op, Source
+from mergekit_mode.ops import BASE, Change, Copy, LoraMerge, Mean, Op, Source, StemMerge
 from mergekit_mode.recipe import FromExpert, LoadedRecipe, Recipe
+from mergekit_mode.stem import Stem
 
 Input = Union[ModelFolder, AdapterFolder]
 
@@ -31,22 +32,22 @@ class Expert:
     """Where one expert's version of each base tensor comes from."""
 
     name: str
-    stem: str  # input key of the weights it starts from: its fine-tune, or BASE for a lone adapter
+    start: str  # input key of the weights it starts from: its fine-tune, or BASE for a lone adapter
     adapter: AdapterFolder | None
 
     def op(self, tensor: str) -> Union[LoraMerge, Copy]:
         lora = self.adapter.modules.get(tensor) if self.adapter else None
         if lora is not None:
             magnitude = Source(self.name, lora.magnitude.name) if lora.magnitude else None
-            return LoraMerge(Source(self.stem, tensor), Source(self.name, lora.lora_A.name),
+            return LoraMerge(Source(self.start, tensor), Source(self.name, lora.lora_A.name),
                              Source(self.name, lora.lora_B.name), lora.scale, lora.transpose, magnitude)
         if self.adapter is not None and tensor in self.adapter.saved:
             return Copy(Source(self.name, self.adapter.saved[tensor].name))
-        return Copy(Source(self.stem, tensor))
+        return Copy(Source(self.start, tensor))
 
     def change(self, tensor: str) -> Change | None:
         """What the adapter does to `tensor`; None when nothing (always, for a full fine-tune)."""
-        new, old = self.op(tensor), Source(self.stem, tensor)
+        new, old = self.op(tensor), Source(self.start, tensor)
         return None if new == Copy(old) else Change(self.name, new, old)
 
 
@@ -59,34 +60,34 @@ def experts_of(loaded: LoadedRecipe, inputs: dict[str, Input], fields: dict[str,
             continue
         adapter = inputs[name]
         assert isinstance(adapter, AdapterFolder)
-        stem = model_key(name) if spec.model is not None else BASE
-        _check_adapter(adapter, inputs[stem], fields[name])
-        experts[name] = Expert(name, stem, adapter)
+        start = model_key(name) if spec.model is not None else BASE
+        _check_adapter(adapter, inputs[start], fields[name])
+        experts[name] = Expert(name, start, adapter)
     return experts
 
 
-def _weight(stem: ModelFolder, name: str) -> TensorInfo | None:
+def _weight(start: ModelFolder, name: str) -> TensorInfo | None:
     """The stem's tensor `name`; a tied lm_head is the embedding (the `embeddings` policy decides
     later what happens to an adapter's change of it)."""
-    if name == mixtral.LM_HEAD and name not in stem.tensors and stem.config.get("tie_word_embeddings"):
+    if name == mixtral.LM_HEAD and name not in start.tensors and start.config.get("tie_word_embeddings"):
         name = mixtral.EMBED
-    return stem.tensors.get(name)
+    return start.tensors.get(name)
 
 
-def _check_adapter(adapter: AdapterFolder, stem: Input, field: str) -> None:
-    assert isinstance(stem, ModelFolder)
+def _check_adapter(adapter: AdapterFolder, start: Input, field: str) -> None:
+    assert isinstance(start, ModelFolder)
     for lora in adapter.modules.values():
-        info = _weight(stem, lora.weight)
+        info = _weight(start, lora.weight)
         if info is None:
-            raise ModeError(f"{field}: LoRA on {lora.weight.removesuffix('.weight')}, which {stem.path} lacks")
+            raise ModeError(f"{field}: LoRA on {lora.weight.removesuffix('.weight')}, which {start.path} lacks")
         if info.shape != lora.expected_weight_shape():
             raise ModeError(f"{field}: LoRA on {lora.weight.removesuffix('.weight')} fits a weight of shape "
-                            f"{list(lora.expected_weight_shape())}, {stem.path} has {list(info.shape)}")
+                            f"{list(lora.expected_weight_shape())}, {start.path} has {list(info.shape)}")
     for name, saved in adapter.saved.items():
-        info = _weight(stem, name)
+        info = _weight(start, name)
         if info is None or info.shape != saved.shape:
             have = f"has shape {list(info.shape)}" if info else "lacks it"
-            raise ModeError(f"{field}: saves {name} with shape {list(saved.shape)} (modules_to_save); {stem.path} {have}")
+            raise ModeError(f"{field}: saves {name} with shape {list(saved.shape)} (modules_to_save); {start.path} {have}")
     with TensorReader() as reader:
         check_biases(adapter, reader, field)
 
@@ -99,6 +100,16 @@ def shared_op(tensor: str, experts: dict[str, Expert], policy: object, adapters:
     if policy == "drop" or not changes:
         return Copy(Source(BASE, tensor))
     return Mean(Source(BASE, tensor), changes, adapters)
+
+
+def stem_op(stem: Stem, tensor: str, t: float, experts: dict[str, Expert]) -> StemMerge:
+    """A shared tensor merged by `stem:` from each stem model's version of it: an adapter expert
+    enters as a model of its own (its weights with the adapter merged). `t` is mergekit's layer
+    fraction, for gradients."""
+    shared, per_input = stem.parameters(tensor, t)
+    base_index = stem.inputs.index(stem.base) if stem.base is not None else None
+    inputs = tuple(experts[m].op(tensor) if m in experts else Copy(Source(BASE, tensor)) for m in stem.inputs)
+    return StemMerge(stem.method, stem.inputs, inputs, base_index, shared, per_input, stem.seed)
 
 
 def _refuse_unpoliced(tensor: str, experts: dict[str, Expert], policy: object, fields: dict[str, str]) -> None:
@@ -119,27 +130,41 @@ def embedding_op(tensor: str, experts: dict[str, Expert], policy: object, fields
     return Copy(Source(BASE, tensor))
 
 
-def _unused_changes(experts: dict[str, Expert], recipe: Recipe) -> Iterator[str]:
-    """Adapters' changes that the chosen policies leave out: legal, but worth a line."""
+def _kept(policy: object, keeps_all: object, name: str) -> bool:
+    return policy == keeps_all or (isinstance(policy, FromExpert) and policy.from_ == name)
+
+
+def _unused_changes(experts: dict[str, Expert], recipe: Recipe, merged: tuple[str, ...] | None) -> Iterator[str]:
+    """Adapters' changes outside the MLP that the recipe leaves out: legal, but worth a line.
+    `merged`: the models of a `stem:` merge (None with `stem: base`)."""
     embeddings = (mixtral.EMBED, mixtral.LM_HEAD)
     for expert in experts.values():
         if expert.adapter is None:
             continue
-        changed = [*expert.adapter.modules, *expert.adapter.saved]
-        groups = (
-            ("shared_deltas", recipe.shared_deltas, "average",
-             [t for t in changed if t not in embeddings and not t.endswith(tuple(mixtral.EXPERT_FROM_MLP.values()))]),
-            ("embeddings", recipe.embeddings, None, [t for t in changed if t in embeddings]),
-        )
-        for key, policy, keeps_all, tensors in groups:
-            kept = policy == keeps_all or (isinstance(policy, FromExpert) and policy.from_ == expert.name)
+        changed = [t for t in (*expert.adapter.modules, *expert.adapter.saved)
+                   if not t.endswith(tuple(mixtral.EXPERT_FROM_MLP.values()))]
+        if merged is not None:
+            groups = [("stem.models", expert.name in merged, changed)]
+        else:
+            groups = [("shared_deltas", _kept(recipe.shared_deltas, "average", expert.name),
+                       [t for t in changed if t not in embeddings]),
+                      ("embeddings", _kept(recipe.embeddings, None, expert.name), [t for t in changed if t in embeddings])]
+        for key, kept, tensors in groups:
             if tensors and not kept:
                 yield f"{key}: {expert.name}'s changes of {len(tensors)} tensors are not used (first {tensors[0]})"
 
 
-def check_tied_lm_head(experts: dict[str, Expert], policy: object, fields: dict[str, str]) -> None:
+def check_tied_lm_head(
+    experts: dict[str, Expert], policy: object, fields: dict[str, str], merged: tuple[str, ...] | None
+) -> None:
     """With tied embeddings the output has no lm_head of its own: an adapter's lm_head change
-    would be lost, so it is refused unless the policy drops it anyway."""
+    would be lost, so it is refused unless the policy drops it anyway. `merged`: as in _unused_changes."""
+    if merged is not None:
+        for name in merged:
+            if name in experts and experts[name].change(mixtral.LM_HEAD):
+                raise ModeError(f"stem.models: the base ties lm_head to embed_tokens, so {name}'s change of "
+                                "lm_head has no place")
+        return
     _refuse_unpoliced(mixtral.LM_HEAD, experts, policy, fields)
     if isinstance(policy, FromExpert) and experts[policy.from_].change(mixtral.LM_HEAD):
         raise ModeError(f"embeddings.from: the base ties lm_head to embed_tokens, so {policy.from_}'s "
@@ -147,19 +172,20 @@ def check_tied_lm_head(experts: dict[str, Expert], policy: object, fields: dict[
 
 
 def adapter_warnings(
-    inputs: dict[str, Input], experts: dict[str, Expert], fields: dict[str, str], recipe: Recipe
+    inputs: dict[str, Input], experts: dict[str, Expert], fields: dict[str, str], recipe: Recipe,
+    merged: tuple[str, ...] | None,
 ) -> Iterator[str]:
     """What is legal but likely unintended: a different recorded base, an ignored option, unused changes."""
     for expert in experts.values():
         if expert.adapter is None:
             continue
         field = fields[expert.name]
-        stem = inputs[expert.stem]
-        recorded = recorded_base_differs(expert.adapter, stem.path)
+        start = inputs[expert.start]
+        recorded = recorded_base_differs(expert.adapter, start.path)
         if recorded:
-            yield (f"{field}: {CONFIG_FILE} records base {recorded!r}, but it is applied to {stem.path} "
-                   f"({fields[expert.stem]})")
+            yield (f"{field}: {CONFIG_FILE} records base {recorded!r}, but it is applied to {start.path} "
+                   f"({fields[expert.start]})")
         if expert.adapter.config.fan_in_fan_out:
             yield (f"{field}: fan_in_fan_out is true; peft ignores it for Linear and Embedding layers "
                    "(it sets it to false when loading), and so does mergekit-mode")
-    yield from _unused_changes(experts, recipe)
+    yield from _unused_changes(experts, recipe, merged)

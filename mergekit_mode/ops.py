@@ -9,9 +9,12 @@ adapter (keyed by its expert's name) or the fine-tune an adapter is applied to.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Optional, Union
 
-BASE = "base"
+from mergekit_mode.recipe import RESERVED_NAME
+
+BASE = RESERVED_NAME  # the key of the recipe's base among the inputs; no expert may take this name
+Params = tuple[tuple[str, Any], ...]  # a merge method's parameter values, resolved for one tensor
 
 
 @dataclass(frozen=True)
@@ -113,4 +116,35 @@ class Mean:
         return f"{self.base} + ({terms}) / {self.count}"
 
 
-Op = Union[Copy, RouterWeights, LoraMerge, Mean]
+@dataclass(frozen=True)
+class StemMerge:
+    """The output is mergekit's `method` applied to each stem model's version of the tensor.
+
+    `models` are mergekit's ids (expert names, BASE); `inputs[i]` gives models[i]'s tensor: a copy,
+    or for an adapter expert its merged weight. Parameters are resolved for this tensor at plan
+    time: `parameters` are the method's shared ones, `input_parameters[i]` those of models[i];
+    models[base_index] is the method's base.
+    """
+
+    method: str
+    models: tuple[str, ...]
+    inputs: tuple[Union[Copy, LoraMerge], ...]
+    base_index: Optional[int]
+    parameters: Params
+    input_parameters: tuple[Params, ...]
+    seed: int
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        return tuple(s for op in self.inputs for s in op.sources)
+
+    def __str__(self) -> str:
+        def fmt(params: Params) -> str:
+            return " ".join(f"{k}={v}" for k, v in params)
+
+        inputs = [f"{m}{'*' if i == self.base_index else ''}" + (f"[{fmt(p)}]" if p else "")
+                  for i, (m, p) in enumerate(zip(self.models, self.input_parameters))]
+        return f"{self.method}({', '.join(inputs)}{'; ' + fmt(self.parameters) if self.parameters else ''})"
+
+
+Op = Union[Copy, RouterWeights, LoraMerge, Mean, StemMerge]

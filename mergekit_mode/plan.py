@@ -18,11 +18,12 @@ import torch
 from mergekit_mode.adapters import AdapterFolder
 from mergekit_mode.errors import ModeError
 from mergekit_mode.experts import (Expert, Input, adapter_warnings, check_tied_lm_head, embedding_op, experts_of,
-                                   model_key, shared_op)
+                                   model_key, shared_op, stem_op)
 from mergekit_mode.formats import mixtral
 from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder, TensorInfo
 from mergekit_mode.ops import BASE, Op, RouterWeights
 from mergekit_mode.recipe import LoadedRecipe
+from mergekit_mode.stem import Stem, resolve_stem
 
 @dataclass(frozen=True)
 class OutputTensor:
@@ -134,14 +135,15 @@ def _output_dtype(loaded: LoadedRecipe, base: ModelFolder) -> torch.dtype:
 
 
 def _warnings(
-    loaded: LoadedRecipe, inputs: dict[str, Input], experts: dict[str, Expert], fields: dict[str, str]
+    loaded: LoadedRecipe, inputs: dict[str, Input], experts: dict[str, Expert], fields: dict[str, str],
+    stem: Stem | None,
 ) -> Iterator[str]:
     recipe = loaded.recipe
     k = recipe.router.experts_per_token
     n = len(experts)
     if recipe.router.mode == "gateless" and k is not None and k != n:
         yield f"router.experts_per_token: {k} is ignored by gateless, which uses all {n} experts"
-    yield from adapter_warnings(inputs, experts, fields, recipe)
+    yield from adapter_warnings(inputs, experts, fields, recipe, stem.inputs if stem else None)
 
 
 def build_plan(loaded: LoadedRecipe) -> Plan:
@@ -158,6 +160,7 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
     tied = bool(cfg.get("tie_word_embeddings", False))
 
     used: set[str] = set()
+    stem = resolve_stem(recipe.stem, names)
 
     def output(name: str, tensor: str, op: Op) -> OutputTensor:
         """`name` in the output, made by `op` from the base tensor `tensor` (or its versions)."""
@@ -169,16 +172,23 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
         used.add(tensor)
         return OutputTensor(name, shape, dtype, op)
 
-    def shared(tensor: str) -> OutputTensor:
+    def shared(tensor: str, t: float = 0.0) -> OutputTensor:
+        """Attention and norms: merged by `stem:`, or the base's with the shared_deltas policy."""
+        if stem is not None:
+            return output(tensor, tensor, stem_op(stem, tensor, t, experts))
         return output(tensor, tensor, shared_op(tensor, experts, recipe.shared_deltas, adapters))
 
     def embedding(tensor: str) -> OutputTensor:
+        """embed_tokens and lm_head: merged by `stem:`, or by the embeddings policy."""
+        if stem is not None:
+            return output(tensor, tensor, stem_op(stem, tensor, 0.0, experts))
         return output(tensor, tensor, embedding_op(tensor, experts, recipe.embeddings, fields))
 
     tensors = [embedding(mixtral.EMBED)]
     for layer in range(num_layers):
         prefix = mixtral.layer_prefix(layer)
-        tensors += [shared(prefix + suffix) for suffix in mixtral.LAYER_SHARED]
+        t = layer / (num_layers - 1) if num_layers > 1 else 1.0  # mergekit's layer fraction
+        tensors += [shared(prefix + suffix, t) for suffix in mixtral.LAYER_SHARED]
         for e, name in enumerate(names):
             for proj, mlp in mixtral.EXPERT_FROM_MLP.items():
                 op = experts[name].op(prefix + mlp)
@@ -192,7 +202,7 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
         tensors.append(embedding(mixtral.LM_HEAD))
     else:
         used.add(mixtral.LM_HEAD)  # tied: the runtime reuses the embeddings
-        check_tied_lm_head(experts, recipe.embeddings, fields)
+        check_tied_lm_head(experts, recipe.embeddings, fields, stem.inputs if stem else None)
 
     leftover = sorted(n for n in base.tensors if n not in used and not n.endswith(mixtral.IGNORABLE_SUFFIXES))
     if leftover:
@@ -201,5 +211,5 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
             + (f" (and {len(leftover) - 1} more)" if len(leftover) > 1 else "")
         )
     config = mixtral.build_config(cfg, len(names), recipe.top_k, str(dtype).removeprefix("torch."))
-    warnings = tuple(_warnings(loaded, inputs, experts, fields))
+    warnings = tuple(_warnings(loaded, inputs, experts, fields, stem))
     return Plan(loaded, inputs, config, dtype, tuple(tensors), warnings)

@@ -129,6 +129,24 @@ def test_average_is_mean_of_peft_merges(work: Path, run_cli) -> None:
     assert torch.equal(from_full[key], load_file(work / "full1" / "model.safetensors")[key])
 
 
+def test_stem_merge_takes_adapter_experts_merged(work: Path, run_cli) -> None:
+    """With `stem:` a mergekit merge, an adapter expert is a model of the merge with its adapter
+    merged; shared_deltas/embeddings do not apply then; an adapter left out of stem.models is told."""
+    make_adapter(work / "base", work / "a", seed=22, r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"])
+    experts = [{"model": "full1"}, {"adapter": "a"}, {"model": "full2"}]
+    stem = {"merge_method": "linear", "parameters": {"weight": 1.0}, "models": ["full1", "a"]}
+    out, err = build(work, experts, run_cli, stem=stem)
+    ref = peft_merged(work / "base", work / "a")
+    full1 = load_file(work / "full1" / "model.safetensors")
+    for key in ("model.layers.1.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        close(out[key], (full1[key] + ref[key]) / 2)
+    assert not err
+    _, err = build(work, experts, run_cli, stem={**stem, "models": ["full1", "full2"]})
+    assert "stem.models: a's changes of 2 tensors are not used (first model.layers.0.self_attn.q_proj" in err
+    result = run_cli("validate", write_recipe(work, experts, stem=stem, shared_deltas="drop"))
+    assert result.code == 2 and "shared_deltas: applies with `stem: base` only" in result.err
+
+
 def test_mixed_recipe_loads_in_transformers(work: Path, run_cli) -> None:
     make_adapter(work / "base", work / "a", seed=6, r=4, lora_alpha=8, target_modules=ALL_LINEAR)
     make_adapter(work / "base", work / "b", seed=7, r=4, lora_alpha=8, use_dora=True, target_modules=["gate_proj"])
@@ -248,8 +266,9 @@ def test_dry_run_shows_merges(work: Path, run_cli) -> None:
     result = run_cli(write_recipe(work, [{"model": "full1"}, {"adapter": "a"}]), work / "out", "--dry-run")
     assert result.code == 0, result.err
     text = result.out
-    assert "experts.1.w3.weight" in text and "base:model.layers.0.mlp.up_proj.weight + lora a (scale 2, dora)" in text
-    assert "base:model.layers.1.self_attn.q_proj.weight + (Δa) / 1" in text
+    assert "experts.1.w3.weight" in text
+    assert "base_model:model.layers.0.mlp.up_proj.weight + lora a (scale 2, dora)" in text
+    assert "base_model:model.layers.1.self_attn.q_proj.weight + (Δa) / 1" in text
     assert not (work / "out").exists()
 
 
