@@ -6,6 +6,7 @@ User mistakes arrive here as ModeError and leave as one line on stderr with exit
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -126,8 +127,14 @@ def demo(out: Path, pretrain_steps: int, finetune_steps: int, force: bool) -> No
     run_demo(out, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, force=force)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point: exit code 0 on success, 2 on a user error (one line, no traceback)."""
+    # A plain `kill` (SIGTERM) cleans up like Ctrl-C: no staging folder is left behind.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         cli.main(args=args, prog_name="mergekit-mode", standalone_mode=False)
     except ModeError as e:

@@ -12,7 +12,7 @@ import torch
 
 from mergekit_mode.adapters import merge_lora
 from mergekit_mode.errors import ModeError
-from mergekit_mode.inputs import Prefetcher, TensorReader
+from mergekit_mode.inputs import Prefetcher, TensorInfo, TensorReader
 from mergekit_mode.numerics import all_finite
 from mergekit_mode.ops import Copy, LoraMerge, Mean, RouterWeights, Source, StemMerge
 from mergekit_mode.plan import OutputTensor, Plan
@@ -29,8 +29,11 @@ class _Inputs:
     def __init__(self, plan: Plan, reader: Prefetcher, device: torch.device) -> None:
         self.plan, self.reader, self.device = plan, reader, device
 
+    def info(self, source: Source) -> TensorInfo:
+        return self.plan.inputs[source.model].tensors[source.tensor]
+
     def read(self, source: Source) -> torch.Tensor:
-        return self.reader.read(self.plan.inputs[source.model].tensors[source.tensor])
+        return self.reader.read(self.info(source))
 
     def float(self, source: Source) -> torch.Tensor:
         return self.read(source).to(self.device, torch.float32)
@@ -60,8 +63,13 @@ class _Inputs:
 def compute(item: OutputTensor, inputs: _Inputs, routers: list[torch.Tensor]) -> torch.Tensor:
     op = item.op
     if isinstance(op, Copy):
+        info = inputs.info(op.source)
         tensor = inputs.read(op.source)
-        return tensor if tensor.dtype == item.dtype else tensor.to(inputs.device).to(item.dtype)
+        if tensor.dtype != item.dtype:
+            tensor = tensor.to(inputs.device).to(item.dtype)
+            if not all_finite(tensor):
+                raise ModeError(f"{info.file}: tensor {info.name} overflows {item.dtype} (values beyond its range)")
+        return tensor
     if isinstance(op, RouterWeights):
         tensor, error = routers[op.layer], f"router of layer {op.layer}: contains NaN or Inf"
     elif isinstance(op, LoraMerge):
