@@ -2,8 +2,8 @@
 
 An adapter is opened like a model folder: adapter_config.json is parsed and validated by peft's own
 `LoraConfig`, and the weights file contributes only its safetensors header, so planning reads no
-weights (but for LoRA biases, see `check_biases`). Each adapted module becomes a `LoraModule` that tells the planner which base tensor it
-changes and by how much (rank, scale, DoRA magnitude). The merge itself is `merge_lora`, the one
+weights (but for LoRA biases, see `check_biases`). Each adapted module becomes a `LoraModule`
+that tells the planner which base tensor it changes and by how much (rank, scale, DoRA magnitude). The merge itself is `merge_lora`, the one
 place where the math lives, computed in float32 as peft's `merge_and_unload()` computes it.
 
 Only what merges into a plain weight is accepted. Variants whose merged weight depends on more than

@@ -1,6 +1,6 @@
 """Where each expert's version of a base tensor comes from, and the policies for what Mixtral shares.
 
-An expert starts from a stem (its fine-tune, or the base for a lone adapter) and may carry an
+An expert starts from weights (its fine-tune, or the base for a lone adapter) and may carry an
 adapter; `Expert.op` says how to make its version of any base tensor and `Expert.change` what
 its adapter changed. Only the MLP differs per expert in Mixtral: attention and norms follow the
 recipe's `shared_deltas` policy, embeddings and lm_head its `embeddings` policy.
@@ -52,7 +52,7 @@ class Expert:
 
 
 def experts_of(loaded: LoadedRecipe, inputs: dict[str, Input], fields: dict[str, str]) -> dict[str, Expert]:
-    """Each expert's stem and adapter; adapters checked against the weights they apply to."""
+    """Each expert's start and adapter; adapters checked against the weights they apply to."""
     experts = {}
     for spec, name in zip(loaded.recipe.experts, loaded.recipe.expert_names):
         if spec.adapter is None:
@@ -67,7 +67,7 @@ def experts_of(loaded: LoadedRecipe, inputs: dict[str, Input], fields: dict[str,
 
 
 def _weight(start: ModelFolder, name: str) -> TensorInfo | None:
-    """The stem's tensor `name`; a tied lm_head is the embedding (the `embeddings` policy decides
+    """The start's tensor `name`; a tied lm_head is the embedding (the `embeddings` policy decides
     later what happens to an adapter's change of it)."""
     if name == mixtral.LM_HEAD and name not in start.tensors and start.config.get("tie_word_embeddings"):
         name = mixtral.EMBED

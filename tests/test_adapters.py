@@ -323,7 +323,8 @@ def _other_shape(work: Path) -> None:
                                     "[96, 64], {base} has [128, 64]"),
         (lambda w: (w / "a" / "adapter_config.json").unlink(), "adapter_config.json does not exist"),
     ],
-    ids=["ia3", "bin", "rank", "dora-missing", "pissa", "alora", "unknown-option", "bad-config", "rank-text", "lora-bias", "shape", "no-config"],
+    ids=["ia3", "bin", "rank", "dora-missing", "pissa", "alora", "unknown-option", "bad-config", "rank-text",
+         "lora-bias", "shape", "no-config"],
 )
 def test_bad_adapters_exit_2(work: Path, spoil, message: str, run_cli) -> None:
     make_adapter(work / "base", work / "a", seed=13, r=4, lora_alpha=8, target_modules=["gate_proj"])
