@@ -11,7 +11,15 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_mode.toy import DOMAINS, generate, make_expert, make_model, train_tokenizer, write_corpus
+from mergekit_mode.toy import (
+    DOMAINS,
+    build_domain_suite,
+    generate,
+    make_expert,
+    make_model,
+    train_tokenizer,
+    write_corpus,
+)
 from mergekit_mode.toy.train import finetune, perplexity
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1)
@@ -129,6 +137,8 @@ def test_short_finetune_lowers_perplexity(tok_dir, tmp_path):
     tuned = finetune(base, tmp_path / "ft", text, 30, ctx=64, lr=1e-2, num_threads=1)
     assert perplexity(tuned, text, ctx=64) < 0.5 * perplexity(base, text, ctx=64)
     assert (tuned / "tokenizer.model").read_bytes() == (tok_dir / "tokenizer.model").read_bytes()
+    again = finetune(base, tmp_path / "ft2", text, 30, ctx=64, lr=1e-2, num_threads=1)
+    assert _files(again) == _files(tuned)
 
 
 def test_mlp_only_finetune_keeps_everything_else(tok_dir, tmp_path):
@@ -137,3 +147,14 @@ def test_mlp_only_finetune_keeps_everything_else(tok_dir, tmp_path):
     before, after = _tensors(base), _tensors(tuned)
     for name, tensor in before.items():
         assert torch.equal(after[name], tensor) != (".mlp." in name), name
+
+
+def test_build_domain_suite_smoke(tmp_path):
+    suite = build_domain_suite(
+        tmp_path, hidden_size=32, intermediate_size=64, num_layers=1, vocab_size=400,
+        n_train_chars=8_000, n_eval_chars=1_000, pretrain_steps=2, finetune_steps=2, num_threads=1,
+    )
+    assert set(suite.experts) == set(suite.eval_texts) == set(DOMAINS)
+    for directory in [suite.base_dir, *suite.experts.values()]:
+        assert (directory / "model.safetensors").exists() and (directory / "tokenizer.model").exists()
+    assert suite.eval_texts["dna"].read_text() != suite.train_texts["dna"].read_text()
