@@ -43,7 +43,7 @@ def build_domain_suite(
     pretrain_steps: int = 150,
     finetune_steps: int = 150,
     pretrain_lr: float = 3e-3,
-    finetune_lr: float = 2e-3,
+    finetune_lr: float = 5e-3,
     mlp_only: bool = True,
     seed: int = 0,
     num_threads: int | None = None,
