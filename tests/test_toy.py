@@ -149,12 +149,19 @@ def test_mlp_only_finetune_keeps_everything_else(tok_dir, tmp_path):
         assert torch.equal(after[name], tensor) != (".mlp." in name), name
 
 
-def test_build_domain_suite_smoke(tmp_path):
-    suite = build_domain_suite(
-        tmp_path, hidden_size=32, intermediate_size=64, num_layers=1, vocab_size=400,
-        n_train_chars=8_000, n_eval_chars=1_000, pretrain_steps=2, finetune_steps=2, num_threads=1,
-    )
+def test_build_domain_suite_is_complete_and_deterministic(tmp_path):
+    def build(out: Path):
+        return build_domain_suite(
+            out, hidden_size=32, intermediate_size=64, num_layers=1, vocab_size=400,
+            n_train_chars=8_000, n_eval_chars=1_000, pretrain_steps=2, finetune_steps=2, num_threads=1,
+        )
+
+    suite = build(tmp_path / "a")
     assert set(suite.experts) == set(suite.eval_texts) == set(DOMAINS)
     for directory in [suite.base_dir, *suite.experts.values()]:
         assert (directory / "model.safetensors").exists() and (directory / "tokenizer.model").exists()
     assert suite.eval_texts["dna"].read_text() != suite.train_texts["dna"].read_text()
+    build(tmp_path / "b")
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
