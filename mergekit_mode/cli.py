@@ -112,7 +112,7 @@ def schema() -> None:
 
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path), default=Path("demo-out"))
-@click.option("--pretrain-steps", default=300, show_default=True, help="Training steps of the tiny base.")
+@click.option("--pretrain-steps", default=150, show_default=True, help="Training steps of the tiny base.")
 @click.option("--finetune-steps", default=150, show_default=True, help="Training steps of each expert.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 def demo(out: Path, pretrain_steps: int, finetune_steps: int, force: bool) -> None:
