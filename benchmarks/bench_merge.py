@@ -6,14 +6,18 @@ in one run, each as a fresh process with its peak RSS taken from /usr/bin/time -
 
 - the I/O floor: reading the input bytes each tool reads and writing the output's bytes with plain
   file I/O (no tensors), the least any tool can do;
-- mergekit-moe (gate_mode random, --out-shard-size 500M);
-- mergekit-mode (router random, shard_size 500M).
+- mergekit-moe (gate_mode random or hidden, --out-shard-size 500M);
+- mergekit-mode (router random or hidden, shard_size 500M).
 
-Page cache is warm for all three (the floor runs first and reads every input). Run by hand:
+With `--gate hidden` both tools run the base on the same 8 prompts per expert to make the
+routers: mergekit-moe loads the whole base model for that; mergekit-mode streams it one decoder
+layer at a time. Page cache is warm for all (the floor runs first and reads every input); dirty
+pages are flushed before each run. Run by hand:
 
-    python benchmarks/bench_merge.py [--workdir DIR] [--layers 8] [--keep]
+    python benchmarks/bench_merge.py [--workdir DIR] [--layers 8] [--gate random|hidden] [--keep]
 
-Targets (issue 2): wall <= 0.7x mergekit-moe and <= 1.3x the floor; peak RSS <= 0.25x mergekit-moe.
+Targets: random, wall <= 0.7x mergekit-moe and <= 1.3x the floor, peak RSS <= 0.25x mergekit-moe
+(issue 2); hidden, peak RSS <= 0.3x mergekit-moe's and flat from 8 to 16 layers (issue 5).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from mergekit_mode.toy import DOMAINS, generate, train_tokenizer
@@ -108,6 +113,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="where models are made (default: a temp dir)")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--gate", choices=["random", "hidden"], default="random", help="router of both tools")
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mkmode-bench-"))
@@ -125,15 +131,17 @@ def main() -> None:
         copy_tokenizer(tok, models / "base")
         (models / "done").touch()
 
-    (work / "moe.yml").write_text(
-        f"base_model: {models / 'base'}\ngate_mode: random\ndtype: bfloat16\nexperts:\n"
-        + "".join(f"  - source_model: {models / n}\n    positive_prompts: ['x']\n" for n in names[1:])
-    )
-    (work / "mode.yml").write_text(
-        f"base_model: {models / 'base'}\ndtype: bfloat16\nexperts:\n"
-        + "".join(f"  - model: {models / n}\n" for n in names[1:])
-        + "router:\n  mode: random\n  experts_per_token: 2\noutput:\n  shard_size: 500MB\n"
-    )
+    prompts = {n: [generate(DOMAINS[i % len(DOMAINS)], 400, seed=j) for j in range(8)] for i, n in enumerate(names[1:])}
+    (work / "moe.yml").write_text(yaml.safe_dump({
+        "base_model": str(models / "base"), "gate_mode": args.gate, "dtype": "bfloat16",
+        "experts": [{"source_model": str(models / n), "positive_prompts": prompts[n]} for n in names[1:]],
+    }))
+    (work / "mode.yml").write_text(yaml.safe_dump({
+        "base_model": str(models / "base"), "dtype": "bfloat16",
+        "experts": [{"model": str(models / n)} | ({"prompts": prompts[n]} if args.gate == "hidden" else {})
+                    for n in names[1:]],
+        "router": {"mode": args.gate, "experts_per_token": 2}, "output": {"shard_size": "500MB"},
+    }))
     for out in ("out-moe", "out-mode", "floor.bin"):
         shutil.rmtree(work / out, ignore_errors=True)
         (work / out).unlink(missing_ok=True)
@@ -148,7 +156,7 @@ def main() -> None:
     mode = timed([str(bindir / "mergekit-mode"), "mode.yml", "out-mode", "-q"], work)
 
     rows = [("I/O floor", floor), ("mergekit-moe 0.1.5", moe), ("mergekit-mode", mode)]
-    print(f"\n{args.experts} experts x {args.layers} layers, inputs {sum(os.path.getsize(f) for f in inputs) / 1e9:.2f} GB, "
+    print(f"\ngate {args.gate}, {args.experts} experts x {args.layers} layers, inputs {sum(os.path.getsize(f) for f in inputs) / 1e9:.2f} GB, "
           f"output {out_bytes / 1e9:.2f} GB, {os.cpu_count()} cores\n")
     print("| tool | wall s | peak RSS GB |\n|---|---|---|")
     for name, (wall, rss) in rows:
