@@ -1,0 +1,162 @@
+"""A Llama/Mistral stem run one decoder layer at a time over every calibration token.
+
+mergekit's `hidden` mode loads the whole base model to take its hidden states, which runs out of
+memory on large bases. Here each decoder layer is built from the config, its weights are read with
+`TensorReader` (plain reads, nothing stays mapped), it runs over all batches, and it is dropped
+before the next: peak memory is about one layer plus the activations of the calibration tokens
+(hidden states and router inputs, tokens x hidden_size x 4 bytes each), whatever the depth.
+
+The layer is transformers' own `LlamaDecoderLayer`/`MistralDecoderLayer`, so the numbers are the
+full model's. The router input of Mixtral is the MLP input, i.e. the output of the layer's
+`post_attention_layernorm`, not the layer's input that mergekit uses: it is captured with a
+forward hook on that norm. `MoeMlp` replaces the dense MLP with Mixtral's sparse block over the
+experts' MLPs, so the same loop runs the merged MoE layer by layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mergekit_mode.calibration import Sequence
+from mergekit_mode.formats import mixtral
+from mergekit_mode.inputs import ModelFolder, TensorReader
+
+
+def stem_config(base: ModelFolder):
+    """The base's transformers config (Llama or Mistral), with SDPA attention."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**base.config)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _modeling(model_type: str):
+    return import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+
+
+def _class(model_type: str, suffix: str) -> type:
+    module = _modeling(model_type)
+    return getattr(module, f"{model_type.capitalize()}{suffix}")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Right-padded token ids [b, L] and each row's true length. Right padding needs no mask: a
+    causal layer never lets a real token see the padding after it."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+
+    def real(self, x: torch.Tensor) -> torch.Tensor:
+        """The real (unpadded) tokens of a [b, L, ...] tensor, flattened to [tokens, ...]."""
+        mask = torch.arange(x.shape[1])[None, :] < self.lengths[:, None]
+        return x[mask]
+
+
+def make_batches(sequences: list[Sequence], batch_size: int, pad_id: int = 0) -> list[Batch]:
+    batches = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        batches.append(Batch(ids, torch.tensor([len(s) for s in chunk])))
+    return batches
+
+
+def load_params(module: nn.Module, folder: ModelFolder, prefix: str, reader: TensorReader, skip: str = "") -> None:
+    """Fill `module`'s parameters from `folder` tensors named prefix + parameter name (float32)."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if skip and name.startswith(skip):
+                continue
+            param.copy_(reader.read(folder.tensors[prefix + name]).to(torch.float32))
+
+
+class MoeMlp(nn.Module):
+    """Mixtral's sparse MoE block over dense expert MLPs: softmax over all experts, top-k,
+    renormalise the k weights, weighted sum (what MixtralSparseMoeBlock computes)."""
+
+    def __init__(self, router: torch.Tensor, experts: list[nn.Module], top_k: int) -> None:
+        super().__init__()
+        self.router = nn.Parameter(router, requires_grad=False)
+        self.experts = nn.ModuleList(experts)
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        probs = torch.softmax((flat @ self.router.T).float(), dim=-1)
+        weights, index = torch.topk(probs, self.top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.nonzero(index == e, as_tuple=True)
+            if token.numel():
+                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        return out.reshape(x.shape)
+
+
+class LayerStream:
+    """The base's stem, layer by layer, over a fixed list of token batches."""
+
+    def __init__(self, base: ModelFolder, batches: list[Batch], device: torch.device, reader: TensorReader) -> None:
+        self.base = base
+        self.batches = batches
+        self.device = device
+        self.reader = reader
+        self.config = stem_config(base)
+        self.num_layers = int(self.config.num_hidden_layers)
+        rotary = _class(base.model_type, "RotaryEmbedding")(self.config).to(device)
+        self._rope = [rotary(torch.zeros(1, device=device), self._positions(b)) for b in batches]
+        masks = import_module("transformers.masking_utils")
+        sliding = getattr(self.config, "sliding_window", None) is not None
+        self._mask_fn = masks.create_sliding_window_causal_mask if sliding else masks.create_causal_mask
+
+    def _positions(self, batch: Batch) -> torch.Tensor:
+        return torch.arange(batch.ids.shape[1], device=self.device)[None]
+
+    def embed(self) -> list[torch.Tensor]:
+        """Layer 0's input per batch: embedding rows of the ids (kept on the CPU between layers)."""
+        table = self.reader.read(self.base.tensors[mixtral.EMBED]).to(torch.float32)
+        return [table[b.ids] for b in self.batches]
+
+    def decoder_layer(self, index: int, mlp: Optional[nn.Module] = None) -> nn.Module:
+        """Decoder layer `index` of the base; with `mlp`, its dense MLP replaced by that module."""
+        layer = _class(self.base.model_type, "DecoderLayer")(self.config, index)
+        if mlp is not None:
+            layer.mlp = mlp
+        load_params(layer, self.base, mixtral.layer_prefix(index), self.reader, skip="mlp." if mlp is not None else "")
+        return layer.to(self.device).eval()
+
+    def expert_mlp(self, folder: ModelFolder, index: int) -> nn.Module:
+        """The dense MLP of layer `index` of `folder` (an expert)."""
+        mlp = _class(self.base.model_type, "MLP")(self.config)
+        load_params(mlp, folder, mixtral.layer_prefix(index) + "mlp.", self.reader)
+        return mlp
+
+    @torch.no_grad()
+    def run(self, layer: nn.Module, hidden: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(next hidden states, router inputs) per batch: the layer's outputs and the outputs of
+        its post_attention_layernorm, both on the CPU in float32."""
+        captured: list[torch.Tensor] = []
+        hook = layer.post_attention_layernorm.register_forward_hook(
+            lambda _m, _i, out: captured.append(out.detach().float().cpu())
+        )
+        try:
+            out = []
+            for h, rope, batch in zip(hidden, self._rope, self.batches):
+                x = h.to(self.device)
+                positions = self._positions(batch)
+                mask = self._mask_fn(config=self.config, inputs_embeds=x, attention_mask=None, cache=None,
+                                     position_ids=positions)
+                out.append(layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rope).float().cpu())
+        finally:
+            hook.remove()
+        return out, captured
