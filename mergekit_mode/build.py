@@ -39,7 +39,12 @@ def parse_device(device: str) -> torch.device:
 
 
 def plan_recipe(recipe_path: Path) -> Plan:
-    return build_plan(load_recipe(recipe_path))
+    """Load, validate and plan a recipe; input errors are prefixed with the recipe's path."""
+    loaded = load_recipe(recipe_path)
+    try:
+        return build_plan(loaded)
+    except ModeError as e:
+        raise ModeError(f"{recipe_path}: {e}") from None
 
 
 def write_model(plan: Plan, out: Path, *, force: bool = False, device: str = "cpu", quiet: bool = False) -> None:

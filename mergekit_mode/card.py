@@ -41,7 +41,7 @@ tokenizer; each expert brings its MLP.
 |---|---|---|
 {rows}
 
-- Router: {ROUTER_TEXT[recipe.router.mode]} (seed {recipe.router.seed}).
+- Router `{recipe.router.mode}`: {ROUTER_TEXT[recipe.router.mode]} (seed {recipe.router.seed}).
 - {cfg['num_local_experts']} experts, {cfg['num_experts_per_tok']} per token, {cfg['num_hidden_layers']} layers,
   dtype {cfg['dtype']}, base architecture `{plan.inputs[BASE].model_type}`.
 

@@ -179,16 +179,14 @@ def report(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_
         click.echo(f"wrote {plot}", err=True)
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
+    """Entry point: exit code 0 on success, 2 on a user error (one line, no traceback)."""
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=args, prog_name="mergekit-mode", standalone_mode=False)
     except ModeError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted", err=True)
         sys.exit(130)
     except click.ClickException as e:

@@ -110,53 +110,59 @@ class ModelFolder:
         if not path.is_dir():
             raise ModeError(f"{field}: folder {path} does not exist")
         config = read_json(path / "config.json", field)
-        return cls(path, config, _collect_tensors(path, field))
+        try:
+            tensors = _collect_tensors(path)
+        except ModeError as e:
+            raise ModeError(f"{field}: {e}") from None
+        return cls(path, config, tensors)
 
     @property
     def model_type(self) -> str:
         return str(self.config.get("model_type", ""))
 
 
-def read_json(file: Path, field: str) -> dict:
+def read_json(file: Path, field: str = "") -> dict:
+    """A JSON object from `file`; errors name `field` (the recipe entry) when given."""
+    where = f"{field}: {file}" if field else str(file)
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ModeError(f"{field}: {file} does not exist") from None
+        raise ModeError(f"{where} does not exist") from None
     except (OSError, ValueError) as e:
-        raise ModeError(f"{field}: {file} is not valid JSON ({e})") from None
+        raise ModeError(f"{where} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ModeError(f"{field}: {file} is not a JSON object")
+        raise ModeError(f"{where} is not a JSON object")
     return data
 
 
-def _collect_tensors(path: Path, field: str) -> dict[str, TensorInfo]:
+def _collect_tensors(path: Path) -> dict[str, TensorInfo]:
     """All tensors of a folder: one model.safetensors, or shards listed by an index."""
     index_file = path / "model.safetensors.index.json"
     if index_file.exists():
-        weight_map = read_json(index_file, field).get("weight_map")
+        weight_map = read_json(index_file).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ModeError(f"{field}: {index_file} has no weight_map")
+            raise ModeError(f"{index_file} has no weight_map")
         tensors: dict[str, TensorInfo] = {}
         for shard in sorted(set(weight_map.values())):
             shard_file = path / shard
             if not shard_file.is_file():
-                raise ModeError(f"{field}: {index_file} names shard {shard}, which does not exist")
+                raise ModeError(f"{index_file} names shard {shard}, which does not exist")
             for name, info in read_safetensors_header(shard_file).items():
                 if weight_map.get(name) == shard:
                     tensors[name] = info
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
-            raise ModeError(f"{field}: {index_file} places {missing[0]} in {weight_map[missing[0]]}, which lacks it")
+            raise ModeError(f"{index_file} places {missing[0]} in {weight_map[missing[0]]}, which lacks it")
         return tensors
     single = path / "model.safetensors"
     if single.is_file():
         return read_safetensors_header(single)
     if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
         raise ModeError(
-            f"{field}: {path} has only pickle weights (.bin/.pt); pickles can run arbitrary code and are "
+            f"{path} has only pickle weights (.bin/.pt); pickles can run arbitrary code and are "
             "not read. Convert them to safetensors first (e.g. load and save_pretrained(safe_serialization=True))"
         )
-    raise ModeError(f"{field}: {path} has no model.safetensors or model.safetensors.index.json")
+    raise ModeError(f"{path} has no model.safetensors or model.safetensors.index.json")
 
 
 class TensorReader:

@@ -237,7 +237,7 @@ def load_recipe(path: Path) -> LoadedRecipe:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
         raise ModeError(f"{path}: not valid YAML{line}: {getattr(e, 'problem', e)}") from None
-    return LoadedRecipe(recipe=parse_recipe(data, str(path)), path=path.resolve(), text=text)
+    return LoadedRecipe(recipe=parse_recipe(data, str(path)), path=path, text=text)
 
 
 def json_schema() -> dict:

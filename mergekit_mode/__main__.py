@@ -1,0 +1,3 @@
+from mergekit_mode.cli import main
+
+main()

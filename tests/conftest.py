@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny models built by the tests themselves, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergekit_mode.cli import main
+from mergekit_mode.toy import DOMAINS, generate, make_expert, make_model, train_tokenizer
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `mergekit-mode ARGS...` in this process; returns exit code and captured output."""
+
+    def run(*args: object) -> Result:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = int(e.code or 0)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    texts = [generate(d, 4000, seed=1) for d in DOMAINS]
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=512)
+
+
+@dataclass
+class Family:
+    """A base and its experts, as folders."""
+
+    base: Path
+    experts: list[Path]
+
+
+def _family(root: Path, tokenizer_dir: Path, arch: str, n: int, **kw) -> Family:
+    base = make_model(root / "base", arch, tokenizer_dir=tokenizer_dir, vocab_size=512, **kw)
+    experts = [make_expert(base, root / f"expert{i}", seed=i + 1, mlp_scale=0.5) for i in range(n)]
+    return Family(base, experts)
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory, tokenizer_dir) -> Family:
+    """Tiny Llama base (rope_theta 5e5, like Llama 3) with 3 experts whose MLPs differ clearly."""
+    return _family(tmp_path_factory.mktemp("llama"), tokenizer_dir, "llama", 3, rope_theta=500000.0)
+
+
+@pytest.fixture(scope="session")
+def mistral(tmp_path_factory, tokenizer_dir) -> Family:
+    """Tiny Mistral base, sharded, with 4 experts."""
+    return _family(tmp_path_factory.mktemp("mistral"), tokenizer_dir, "mistral", 4, max_shard_size="100KB")
+
+
+def write_recipe(path: Path, base: Path, experts: list[Path], names: list[str] | None = None, **extra) -> Path:
+    specs = [{"model": str(e)} | ({"name": names[i]} if names else {}) for i, e in enumerate(experts)]
+    recipe = {"base_model": str(base), "experts": specs, **extra}
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
