@@ -17,7 +17,7 @@ import torch
 from mergekit_mode.errors import ModeError
 from mergekit_mode.formats import mixtral
 from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder
-from mergekit_mode.recipe import LoadedRecipe
+from mergekit_mode.recipe import DATA_MODES, LoadedRecipe
 
 BASE = "base"
 
@@ -128,7 +128,17 @@ def open_inputs(loaded: LoadedRecipe) -> dict[str, ModelFolder]:
             if expert.config.get(key) != base.config.get(key):
                 raise ModeError(f"{field}: {key} is {expert.config.get(key)}, the base's is {base.config.get(key)}")
         inputs[name] = expert
+    _check_data_files(loaded)
     return inputs
+
+
+def _check_data_files(loaded: LoadedRecipe) -> None:
+    """Router data files must exist before a run starts (`validate` reports them, not a late failure)."""
+    if loaded.recipe.router.mode not in DATA_MODES:
+        return
+    for i, spec in enumerate(loaded.recipe.experts):
+        if spec.data is not None and not loaded.resolve(spec.data).is_file():
+            raise ModeError(f"experts[{i}].data: {loaded.resolve(spec.data)} does not exist")
 
 
 def _tensor(folder: ModelFolder, name: str, field: str, shape: tuple[int, ...] | None = None):
@@ -200,5 +210,8 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
     k = recipe.router.experts_per_token
     if recipe.router.mode == "gateless" and k is not None and k != len(names):
         warnings.append(f"router.experts_per_token: {k} is ignored by gateless, which uses all {len(names)} experts")
+    if recipe.router.mode not in DATA_MODES and any(e.has_data for e in recipe.experts):
+        warnings.append(f"experts' data/prompts are not used by router.mode {recipe.router.mode} "
+                        f"(only by {' and '.join(DATA_MODES)})")
     config = mixtral.build_config(cfg, len(names), recipe.top_k, str(dtype).removeprefix("torch."))
     return Plan(loaded, inputs, config, dtype, tuple(tensors), tuple(warnings))

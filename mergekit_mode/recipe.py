@@ -53,7 +53,7 @@ class ExpertData(_Strict):
     negative_prompts: Optional[list[str]] = Field(
         None, min_length=1, description="hidden: texts this expert should not get; their mean is subtracted from its row.",
     )
-    max_tokens: Optional[int] = Field(None, ge=1, description="Most tokens taken from data; default: router.max_tokens.")
+    max_tokens: Optional[int] = Field(None, ge=1, description="Most tokens taken from prompts and data; default: router.max_tokens.")
 
     @property
     def has_data(self) -> bool:
@@ -110,7 +110,7 @@ class RouterSpec(_Strict):
         "their mean (mergekit's hidden_avg); default last. trained with init hidden: the init's pooling.",
     )
     max_tokens: int = Field(
-        100_000, ge=1, description="hidden/trained: most tokens read from each expert's data file (per-expert max_tokens overrides).",
+        20_000, ge=1, description="hidden/trained: most tokens taken from each expert's prompts and data (per-expert max_tokens overrides).",
     )
     seq_len: int = Field(128, ge=2, description="hidden/trained: documents longer than this are cut into pieces of this many tokens.")
     train: Optional[TrainSpec] = Field(None, description="trained: how the routers are trained (defaults if omitted).")

@@ -34,7 +34,7 @@ from mergekit_mode.inputs import TensorReader
 from mergekit_mode.layerwise import Batch, LayerStream, MoeMlp, make_batches
 from mergekit_mode.plan import BASE, Plan
 from mergekit_mode.recipe import TrainSpec
-from mergekit_mode.routers import RouterContext
+from mergekit_mode.routers import STREAM_BATCH, RouterContext
 from mergekit_mode.writer import Entry, ShardedWriter
 
 
@@ -75,7 +75,7 @@ def train_domain(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor],
     names = plan.recipe.recipe.expert_names
     train_seqs, train_labels = _labelled(texts, held_out=False)
     held_seqs, held_labels = _labelled(texts, held_out=True)
-    batches = make_batches(train_seqs + held_seqs, spec.batch_size)
+    batches = make_batches(train_seqs + held_seqs, STREAM_BATCH)
     labels = _token_values(batches, train_labels + held_labels)
     is_train = _token_values(batches, [1] * len(train_seqs) + [0] * len(held_seqs)).bool()
     gen = torch.Generator().manual_seed(plan.recipe.recipe.router.seed)
