@@ -50,6 +50,7 @@ def plan_recipe(recipe_path: Path) -> Plan:
 def write_model(plan: Plan, out: Path, *, force: bool = False, device: str = "cpu", quiet: bool = False) -> None:
     """Build the plan's model into `out`. Either `out` ends complete, or it is left as it was."""
     dev = parse_device(device)
+    _refuse_inputs_inside(plan, out)
     routers = make_routers(plan, RouterContext(dev, quiet))
     entries = [Entry(t.name, t.shape, t.dtype) for t in plan.tensors]
     try:
@@ -74,6 +75,15 @@ def write_model(plan: Plan, out: Path, *, force: bool = False, device: str = "cp
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ModeError(f"{out}: no space left on the device while writing ({e.filename or 'output'})") from None
         raise ModeError(f"{out}: {e.strerror or e} ({e.filename or 'output'})") from None
+
+
+def _refuse_inputs_inside(plan: Plan, out: Path) -> None:
+    """Replacing `out` (--force) or staging beside it must never touch an input."""
+    target = out.resolve()
+    for key, folder in plan.inputs.items():
+        src = folder.path.resolve()
+        if src == target or target in src.parents or src in target.parents:
+            raise ModeError(f"{out}: overlaps input {key} ({folder.path}); write the output elsewhere")
 
 
 def _write_side_files(plan: Plan, stage: Path) -> None:

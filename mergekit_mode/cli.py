@@ -6,6 +6,7 @@ User mistakes arrive here as ModeError and leave as one line on stderr with exit
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ MAIN_HELP = """Build a Mixture-of-Domain-Experts model in the canonical Mixtral 
     mergekit-mode RECIPE.yml OUT/     build the model described by RECIPE into OUT/
     mergekit-mode validate RECIPE...  check recipes and their inputs (no weights read)
     mergekit-mode schema              print the recipe's JSON Schema
+    mergekit-mode demo [OUT/]         train tiny experts here and build a MoE of them
     mergekit-mode eval MODEL --data NAME=FILE ...    perplexity and routing per domain
     mergekit-mode report MODEL --data NAME=FILE ... --plot routing.png
 
@@ -179,8 +181,31 @@ def report(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_
         click.echo(f"wrote {plot}", err=True)
 
 
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path), default=Path("demo-out"))
+@click.option("--pretrain-steps", default=300, show_default=True, help="Training steps of the tiny base.")
+@click.option("--finetune-steps", default=150, show_default=True, help="Training steps of each expert.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+def demo(out: Path, pretrain_steps: int, finetune_steps: int, force: bool) -> None:
+    """Train tiny domain experts on this machine and build a MoE of them into OUT.
+
+    Needs no download: it makes four synthetic text domains, a tokenizer, a tiny Llama base and
+    one expert per domain (about a minute on 2 CPU cores), writes OUT/recipe.yml, builds
+    OUT/moe with it, and prints each model's perplexity on every domain.
+    """
+    from mergekit_mode.demo import demo as run_demo
+
+    run_demo(out, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, force=force)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point: exit code 0 on success, 2 on a user error (one line, no traceback)."""
+    # A plain `kill` (SIGTERM) cleans up like Ctrl-C: no staging folder is left behind.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         cli.main(args=args, prog_name="mergekit-mode", standalone_mode=False)
     except ModeError as e:

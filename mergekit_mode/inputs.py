@@ -10,6 +10,8 @@ instead of growing with every page of every input touched.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import json
 import math
 import os
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from mergekit_mode.errors import ModeError
+from mergekit_mode.numerics import all_finite
 
 # safetensors dtype tags -> torch dtypes (the subset that model weights use).
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -166,7 +169,11 @@ def _collect_tensors(path: Path) -> dict[str, TensorInfo]:
 
 
 class TensorReader:
-    """Reads tensors by their header byte ranges, keeping one descriptor per file open."""
+    """Reads tensors by their header byte ranges, keeping one descriptor per file open.
+
+    Every float tensor read is checked for NaN/Inf here, as it streams, so a damaged input is
+    named (file and tensor) instead of producing a model that loads and outputs garbage.
+    """
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
@@ -175,17 +182,19 @@ class TensorReader:
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        buf = bytearray(info.nbytes)
-        view = memoryview(buf)
+        # torch.empty, not bytearray: no memset pass over bytes that are about to be overwritten.
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
         done = 0
         while done < info.nbytes:
             n = os.preadv(fd, [view[done:]], info.offset + done)
             if n == 0:
                 raise ModeError(f"{info.file}: truncated while reading tensor {info.name!r}")
             done += n
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        tensor = buf.view(info.dtype).reshape(info.shape)
+        if not all_finite(tensor):
+            raise ModeError(f"{info.file}: tensor {info.name} contains NaN or Inf")
+        return tensor
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -197,3 +206,37 @@ class TensorReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Prefetcher:
+    """Reads the tensors a plan will ask for, in order, one step ahead on a background thread.
+
+    Disk reads, the finiteness check and page faults of fresh buffers then overlap with the
+    main thread's conversions and writes (all of them release the GIL). At most `depth` tensors
+    wait, so memory stays bounded. A read that is not the next expected one is done directly.
+    """
+
+    def __init__(self, reader: TensorReader, order: list[TensorInfo], depth: int = 2) -> None:
+        self._reader = reader
+        self._order = collections.deque(order)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._pending: collections.deque[tuple[TensorInfo, concurrent.futures.Future]] = collections.deque()
+        self._depth = depth
+        self._fill()
+
+    def _fill(self) -> None:
+        while self._order and len(self._pending) < self._depth:
+            info = self._order.popleft()
+            self._pending.append((info, self._pool.submit(self._reader.read, info)))
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        if self._pending and self._pending[0][0] == info:
+            _, future = self._pending.popleft()
+            self._fill()
+            return future.result()
+        return self._reader.read(info)
+
+    def close(self) -> None:
+        for _, future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from mergekit_mode.errors import ModeError
 from mergekit_mode.formats import mixtral
-from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder
+from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder, TensorInfo
 from mergekit_mode.recipe import DATA_MODES, LoadedRecipe
+from mergekit_mode.stem import BASE_MODEL, Params, Stem, resolve_stem
 
-BASE = "base"
+BASE = BASE_MODEL  # the key of the recipe's base among the inputs; no expert may take this name
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class Copy:
 
     source: Source
 
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        return (self.source,)
+
     def __str__(self) -> str:
         return f"copy {self.source}"
 
@@ -50,11 +55,44 @@ class RouterWeights:
     layer: int
     mode: str
 
+    sources: tuple[Source, ...] = ()  # computed before the write pass, reads nothing here
+
     def __str__(self) -> str:
         return f"router {self.mode} (layer {self.layer})"
 
 
-Op = Union[Copy, RouterWeights]
+@dataclass(frozen=True)
+class StemMerge:
+    """The output is mergekit's `method` applied to the same tensor of each source (stem merging).
+
+    Parameters are resolved for this tensor at plan time: `parameters` are the method's shared
+    ones, `input_parameters[i]` those of `sources[i]`; `sources[base_index]` is the method's base.
+    """
+
+    method: str
+    sources: tuple[Source, ...]
+    base_index: Optional[int]
+    parameters: Params
+    input_parameters: tuple[Params, ...]
+    seed: int
+
+    def __str__(self) -> str:
+        def fmt(params: Params) -> str:
+            return " ".join(f"{k}={v}" for k, v in params)
+
+        inputs = [f"{s.model}{'*' if i == self.base_index else ''}" + (f"[{fmt(p)}]" if p else "")
+                  for i, (s, p) in enumerate(zip(self.sources, self.input_parameters))]
+        return f"{self.method}({', '.join(inputs)}{'; ' + fmt(self.parameters) if self.parameters else ''})"
+
+
+def stem_merge(stem: Stem, tensor: str, t: float) -> StemMerge:
+    """The StemMerge of one shared tensor; `t` is mergekit's layer fraction for gradients."""
+    shared, per_input = stem.parameters(tensor, t)
+    base_index = stem.inputs.index(stem.base) if stem.base is not None else None
+    return StemMerge(stem.method, tuple(Source(m, tensor) for m in stem.inputs), base_index, shared, per_input, stem.seed)
+
+
+Op = Union[Copy, RouterWeights, StemMerge]
 
 
 @dataclass(frozen=True)
@@ -81,6 +119,10 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    def reads(self) -> list[TensorInfo]:
+        """Every input tensor the plan reads, in the order the executor asks for them."""
+        return [self.inputs[s.model].tensors[s.tensor] for t in self.tensors for s in t.op.sources]
 
     def describe(self) -> str:
         """The plan as text: one line per output tensor, then a summary (what --dry-run prints)."""
@@ -172,16 +214,25 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
     tied = bool(cfg.get("tie_word_embeddings", False))
 
     used: set[str] = set()
+    stem = resolve_stem(recipe.stem, names)
+    fields[BASE] = "base_model"
 
-    def from_base(name: str) -> OutputTensor:
+    def from_base(name: str, t: float = 0.0) -> OutputTensor:
+        """A shared tensor: the base's, or with `stem:` merged from the stem's models."""
         info = _tensor(base, name, "base_model")
         used.add(name)
-        return OutputTensor(name, info.shape, dtype, Copy(Source(BASE, name)))
+        if stem is None:
+            return OutputTensor(name, info.shape, dtype, Copy(Source(BASE, name)))
+        op = stem_merge(stem, name, t)
+        for source in op.sources:
+            _tensor(inputs[source.model], name, fields[source.model], info.shape)
+        return OutputTensor(name, info.shape, dtype, op)
 
     tensors = [from_base(mixtral.EMBED)]
     for layer in range(num_layers):
         prefix = mixtral.layer_prefix(layer)
-        tensors += [from_base(prefix + suffix) for suffix in mixtral.LAYER_SHARED]
+        t = layer / (num_layers - 1) if num_layers > 1 else 1.0  # mergekit's layer fraction
+        tensors += [from_base(prefix + suffix, t) for suffix in mixtral.LAYER_SHARED]
         for e, name in enumerate(names):
             for proj, mlp in mixtral.EXPERT_FROM_MLP.items():
                 shape = _tensor(base, prefix + mlp, "base_model").shape

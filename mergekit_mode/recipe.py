@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -36,6 +36,9 @@ def parse_size(value: object) -> int:
 
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
 DType = Literal["float32", "float16", "bfloat16"]
+
+
+RESERVED_NAME = "base_model"  # how plans and `stem:` refer to the recipe's base
 
 
 class _Strict(BaseModel):
@@ -130,6 +133,51 @@ class RouterSpec(_Strict):
         return self.train or TrainSpec()
 
 
+def _stem_model(value: object) -> object:
+    """`- code` is short for `- model: code` (mergekit spells out the mapping)."""
+    return {"model": value} if isinstance(value, str) else value
+
+
+class StemModel(_Strict):
+    """One input of the stem merge, as in mergekit's `models:` list."""
+
+    model: str = Field(description="An expert's name, or `base_model` for the recipe's base.")
+    parameters: dict[str, Any] = Field({}, description="This input's values of the method's per-model parameters.")
+
+
+class StemSpec(_Strict):
+    """The shared tensors (attention, norms, embeddings, lm_head) merged by a mergekit merge method.
+
+    Mirrors a mergekit config: `merge_method`, `base_model`, `parameters`, `models`. Names, not
+    paths: models are the recipe's experts (and `base_model`). Checked against the installed
+    mergekit's registry by `mergekit_mode.stem`, not here, so parsing a recipe stays light.
+    """
+
+    merge_method: str = Field(description="A method of mergekit's registry: linear, ties, dare_ties, slerp, ...")
+    base_model: Optional[str] = Field(
+        None, description="`base_model` (the recipe's base) or an expert's name; default: base_model for "
+        "methods that need a base, none otherwise.")
+    parameters: dict[str, Any] = Field({}, description="The method's parameters, defaults for every model.")
+    models: Optional[list[Annotated[StemModel, BeforeValidator(_stem_model)]]] = Field(
+        None, description="The merged models, in order; default: every expert.")
+    seed: int = Field(0, description="Seed of randomized methods (dare_*, della): same recipe, same bytes.")
+
+
+def _stem_base(value: object) -> object:
+    """`stem: base` (copy the base's tensors, the default) is stored as None."""
+    if value == "base":
+        return None
+    if isinstance(value, str):
+        raise ValueError(f"{value!r}: use `base` or a mapping with merge_method (a mergekit merge)")
+    return value
+
+
+def _stem_schema(schema: dict) -> None:
+    """The JSON Schema says `base`, what users write, not the None it is stored as."""
+    schema["anyOf"] = [{"const": "base"} if branch == {"type": "null"} else branch for branch in schema["anyOf"]]
+    schema["default"] = "base"
+
+
 class OutputSpec(_Strict):
     shard_size: ByteSize = Field(parse_size("2GB"), description="Largest safetensors shard, e.g. 2GB or 500MB.")
 
@@ -142,6 +190,9 @@ class Recipe(_Strict):
     dtype: Optional[DType] = Field(None, description="Output dtype; default: the base's.")
     experts: list[ExpertSpec] = Field(min_length=2, description="Two or more experts; each brings its MLP.")
     router: RouterSpec = RouterSpec()
+    stem: Annotated[Optional[StemSpec], BeforeValidator(_stem_base)] = Field(
+        None, description="`base` (default): shared tensors are the base's. A mapping: merged by a mergekit method.",
+        json_schema_extra=_stem_schema)
     output: OutputSpec = OutputSpec()
 
     @model_validator(mode="after")
@@ -149,6 +200,8 @@ class Recipe(_Strict):
         seen: dict[str, int] = {}
         for i, expert in enumerate(self.experts):
             name = expert.display_name
+            if name == RESERVED_NAME:
+                raise _FieldError(f"experts[{i}].name", f"{name!r} names the recipe's base model; rename the expert")
             if name in seen:
                 raise _FieldError(f"experts[{i}].name", f"{name!r} is already the name of experts[{seen[name]}]; "
                                   "names must be unique (set name:)")

@@ -100,8 +100,6 @@ class ShardedWriter:
 
     def _close_shard(self) -> None:
         if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
             self._fh.close()
             self._fh = None
 

@@ -153,3 +153,58 @@ def test_dry_run_prints_every_tensor_and_writes_nothing(llama, tmp_path, run_cli
                for l in lines)
     # 1 embed + 2 layers x (6 shared + 3 experts x 3 + router) + norm + lm_head
     assert sum("<-" in l for l in lines) == 1 + 2 * (6 + 9 + 1) + 2
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_llama3_rope_scaling_is_kept(llama, tmp_path, run_cli):
+    """A Llama-3.1-style scaled rope changes every position's angles: losing it changes logits."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(llama.base, base)
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    _edit_config(base, rope_parameters=rope)
+    recipe = write_recipe(tmp_path / "r.yml", base, [base, base], names=["a", "b"])
+    assert run_cli(recipe, tmp_path / "out", "-q").code == 0
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["rope_parameters"] == rope and cfg["rope_theta"] == 500000.0
+    moe, _ = load(tmp_path / "out")
+    dense, _ = load(base)
+    plain, _ = load(llama.base)
+    ids = torch.randint(3, 512, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(dense(ids).logits, plain(ids).logits, atol=1e-4)  # the scaling matters
+
+
+def test_mistral_sliding_window_is_kept(mistral, tmp_path, run_cli):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(mistral.base, base)
+    _edit_config(base, sliding_window=4096)
+    recipe = write_recipe(tmp_path / "r.yml", base, mistral.experts[:2])
+    assert run_cli(recipe, tmp_path / "out", "-q").code == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["sliding_window"] == 4096
+
+
+def test_tied_embeddings_base(tmp_path, tokenizer_dir, run_cli):
+    from mergekit_mode.toy import make_model
+
+    base = make_model(tmp_path / "base", tokenizer_dir=tokenizer_dir, tie_word_embeddings=True, seed=5)
+    recipe = write_recipe(tmp_path / "r.yml", base, [base, base], names=["a", "b"], router={"mode": "noisy"})
+    assert run_cli(recipe, tmp_path / "out", "-q").code == 0
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    moe, info = load(tmp_path / "out")
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    dense, _ = load(base)
+    ids = torch.randint(3, 512, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)

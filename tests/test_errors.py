@@ -44,6 +44,7 @@ CASES = {
     "unknown router mode": (lambda d: d.update(router={"mode": "smart"}), ["router.mode"]),
     "missing expert folder": (lambda d: d["experts"][1].update(model="./nope"), ["experts[1].model", "nope", "does not exist"]),
     "missing base folder": (lambda d: d.update(base_model="./nobase"), ["base_model", "does not exist"]),
+    "reserved name": (lambda d: d["experts"][0].update(name="base_model"), ["experts[0].name", "base model"]),
     "duplicate names": (lambda d: [e.update(name="same") for e in d["experts"]], ["experts[1].name", "unique"]),
     "top-k above experts": (lambda d: d.update(router={"mode": "noisy", "experts_per_token": 4}), ["router.experts_per_token", "3 experts"]),
     "one expert": (lambda d: d.update(experts=d["experts"][:1]), ["experts", "at least 2"]),

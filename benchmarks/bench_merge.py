@@ -1,0 +1,169 @@
+"""Speed and memory of `mergekit-mode` against `mergekit-moe`, measured in one run on one machine.
+
+Makes a base and 4 experts of about 0.5B parameters each (bf16, ~1 GB each: hidden 2048,
+intermediate 5632, 8 layers, vocab 32000; experts differ from the base in their MLPs), then times
+in one run, each as a fresh process with its peak RSS taken from /usr/bin/time -v:
+
+- the I/O floor: reading the input bytes each tool reads and writing the output's bytes with plain
+  file I/O (no tensors), the least any tool can do;
+- mergekit-moe (gate_mode random, --out-shard-size 500M);
+- mergekit-mode (router random, shard_size 500M).
+
+Page cache is warm for all three (the floor runs first and reads every input). Run by hand:
+
+    python benchmarks/bench_merge.py [--workdir DIR] [--layers 8] [--keep]
+
+Targets (issue 2): wall <= 0.7x mergekit-moe and <= 1.3x the floor; peak RSS <= 0.25x mergekit-moe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from mergekit_mode.toy import DOMAINS, generate, train_tokenizer
+from mergekit_mode.toy.tokenizer import copy_tokenizer
+
+HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 16, 16
+
+
+def config(layers: int) -> dict:
+    return {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE, "num_hidden_layers": layers, "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS, "head_dim": HIDDEN // HEADS, "vocab_size": VOCAB,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "sliding_window": None,
+        "initializer_range": 0.02, "torch_dtype": "bfloat16",
+    }
+
+
+def make_model(folder: Path, layers: int, seed: int, base_seed: int) -> None:
+    """Random bf16 weights; the stem is drawn from base_seed, the MLPs from seed."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config(layers)))
+    stem = torch.Generator().manual_seed(base_seed)
+    mlp = torch.Generator().manual_seed(seed)
+
+    def rand(gen, *shape):
+        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+    tensors = {"model.embed_tokens.weight": rand(stem, VOCAB, HIDDEN)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("q", "k", "v", "o"):
+            tensors[f"{p}self_attn.{n}_proj.weight"] = rand(stem, HIDDEN, HIDDEN)
+        tensors[p + "input_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+        tensors[p + "post_attention_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+        tensors[p + "mlp.gate_proj.weight"] = rand(mlp, INTERMEDIATE, HIDDEN)
+        tensors[p + "mlp.up_proj.weight"] = rand(mlp, INTERMEDIATE, HIDDEN)
+        tensors[p + "mlp.down_proj.weight"] = rand(mlp, HIDDEN, INTERMEDIATE)
+    tensors["model.norm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+    tensors["lm_head.weight"] = rand(stem, VOCAB, HIDDEN)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GB) of a command run as a fresh process. Dirty pages of the
+    previous run are flushed first, so no tool pays for another's writes."""
+    os.sync()
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    return wall, rss_kb / 1e6
+
+
+FLOOR = """
+import os, sys
+reads, out, size = sys.argv[1].split(","), sys.argv[2], int(sys.argv[3])
+buf = bytearray(64 << 20)
+for f in reads:
+    with open(f, "rb", buffering=0) as fh:
+        while fh.readinto(buf):
+            pass
+chunk = bytes(64 << 20)
+with open(out, "wb") as fh:
+    left = size
+    while left > 0:
+        left -= fh.write(chunk[: min(left, len(chunk))])
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=None, help="where models are made (default: a temp dir)")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--keep", action="store_true", help="keep the work dir")
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="mkmode-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    models = work / f"models-L{args.layers}"
+    names = ["base"] + [f"expert{i}" for i in range(args.experts)]
+    if not (models / "done").exists():
+        shutil.rmtree(models, ignore_errors=True)
+        for i, name in enumerate(names):
+            t = time.perf_counter()
+            make_model(models / name, args.layers, seed=i, base_seed=0)
+            print(f"made {name} in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+        # mergekit-moe loads the base's tokenizer; a small sentencepiece one will do.
+        tok = train_tokenizer([generate(d, 4000, seed=0) for d in DOMAINS], work / "tokenizer")
+        copy_tokenizer(tok, models / "base")
+        (models / "done").touch()
+
+    (work / "moe.yml").write_text(
+        f"base_model: {models / 'base'}\ngate_mode: random\ndtype: bfloat16\nexperts:\n"
+        + "".join(f"  - source_model: {models / n}\n    positive_prompts: ['x']\n" for n in names[1:])
+    )
+    (work / "mode.yml").write_text(
+        f"base_model: {models / 'base'}\ndtype: bfloat16\nexperts:\n"
+        + "".join(f"  - model: {models / n}\n" for n in names[1:])
+        + "router:\n  mode: random\n  experts_per_token: 2\noutput:\n  shard_size: 500MB\n"
+    )
+    for out in ("out-moe", "out-mode", "floor.bin"):
+        shutil.rmtree(work / out, ignore_errors=True)
+        (work / out).unlink(missing_ok=True)
+
+    # What mergekit-mode reads: the base's stem and every expert's MLPs, i.e. at most all input bytes.
+    inputs = [str(models / n / "model.safetensors") for n in names]
+    out_bytes = _output_bytes(args.layers, args.experts)
+    floor = timed([sys.executable, "-c", FLOOR, ",".join(inputs), str(work / "floor.bin"), str(out_bytes)], work)
+    (work / "floor.bin").unlink()
+    bindir = Path(sys.executable).parent
+    moe = timed([str(bindir / "mergekit-moe"), "moe.yml", "out-moe", "--out-shard-size", "500M"], work)
+    mode = timed([str(bindir / "mergekit-mode"), "mode.yml", "out-mode", "-q"], work)
+
+    rows = [("I/O floor", floor), ("mergekit-moe 0.1.5", moe), ("mergekit-mode", mode)]
+    print(f"\n{args.experts} experts x {args.layers} layers, inputs {sum(os.path.getsize(f) for f in inputs) / 1e9:.2f} GB, "
+          f"output {out_bytes / 1e9:.2f} GB, {os.cpu_count()} cores\n")
+    print("| tool | wall s | peak RSS GB |\n|---|---|---|")
+    for name, (wall, rss) in rows:
+        print(f"| {name} | {wall:.1f} | {rss:.2f} |")
+    print(f"\nmergekit-mode / mergekit-moe: wall {mode[0] / moe[0]:.2f}x (target <= 0.7), "
+          f"RSS {mode[1] / moe[1]:.2f}x (target <= 0.25)")
+    print(f"mergekit-mode / I/O floor: wall {mode[0] / floor[0]:.2f}x (target <= 1.3)")
+    if not args.keep and args.workdir is None:
+        shutil.rmtree(work)
+
+
+def _output_bytes(layers: int, experts: int) -> int:
+    per_layer = 4 * HIDDEN * HIDDEN + 2 * HIDDEN + experts * (3 * HIDDEN * INTERMEDIATE + HIDDEN)
+    return 2 * (2 * VOCAB * HIDDEN + HIDDEN + layers * per_layer)
+
+
+if __name__ == "__main__":
+    main()

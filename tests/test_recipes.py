@@ -1,0 +1,35 @@
+"""The shipped example recipes validate and build against the folder layout `demo` makes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from mergekit_mode.toy import DOMAINS, make_expert, make_model
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yml"))
+
+
+@pytest.fixture(scope="module")
+def demo_layout(tmp_path_factory, tokenizer_dir) -> Path:
+    """tmp/demo-out/{base,experts/<domain>} like `mergekit-mode demo` leaves, and tmp/recipes/."""
+    root = tmp_path_factory.mktemp("layout")
+    base = make_model(root / "demo-out" / "base", tokenizer_dir=tokenizer_dir, vocab_size=512)
+    for i, d in enumerate(DOMAINS):
+        make_expert(base, root / "demo-out" / "experts" / d, seed=i)
+    shutil.copytree(RECIPES[0].parent, root / "recipes")
+    return root
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_example_recipe_builds(demo_layout, run_cli, recipe):
+    path = demo_layout / "recipes" / recipe.name
+    assert run_cli("validate", path).code == 0
+    out = demo_layout / f"out-{recipe.stem}"
+    result = run_cli(path, out, "-q")
+    assert result.code == 0, result.err
+    _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
