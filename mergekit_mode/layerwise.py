@@ -7,7 +7,9 @@ before the next: peak memory is about one layer plus the activations of the cali
 (hidden states and router inputs, tokens x hidden_size x 4 bytes each), whatever the depth.
 
 The layer is transformers' own `LlamaDecoderLayer`/`MistralDecoderLayer`, so the numbers are the
-full model's. The router input of Mixtral is the MLP input, i.e. the output of the layer's
+full model's. Weights come from a `Weights` source: `FolderWeights` reads a model folder (the
+base, for `hidden`), `PlanWeights` computes the output's own tensors as the executor does (the
+stem as `stem:` makes it, and each expert's MLP), so the merged MoE runs exactly as it will load. The router input of Mixtral is the MLP input, i.e. the output of the layer's
 `post_attention_layernorm`, not the layer's input that mergekit uses: it is captured with a
 forward hook on that norm. `MoeMlp` replaces the dense MLP with Mixtral's sparse block over the
 experts' MLPs, so the same loop runs the merged MoE layer by layer.
@@ -15,9 +17,9 @@ experts' MLPs, so the same loop runs the merged MoE layer by layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import import_module
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -25,6 +27,34 @@ from torch import nn
 from mergekit_mode.calibration import Sequence
 from mergekit_mode.formats import mixtral
 from mergekit_mode.inputs import ModelFolder, TensorReader
+from mergekit_mode.plan import Plan
+
+# A tensor by its checkpoint name, as float32 (e.g. "model.layers.0.self_attn.q_proj.weight").
+Weights = Callable[[str], torch.Tensor]
+
+
+class FolderWeights:
+    """A model folder's own tensors (the dense base, MLP included)."""
+
+    def __init__(self, folder: ModelFolder, reader: TensorReader) -> None:
+        self.folder, self.reader = folder, reader
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self.reader.read(self.folder.tensors[name]).to(torch.float32)
+
+
+class PlanWeights:
+    """The output's tensors, computed on demand exactly as the executor computes them for writing."""
+
+    def __init__(self, plan: Plan, reader: TensorReader, device: torch.device) -> None:
+        self.plan, self.reader, self.device = plan, reader, device
+        self.items = {t.name: t for t in plan.tensors}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        from mergekit_mode.executor import compute
+
+        item = replace(self.items[name], dtype=torch.float32)
+        return compute(item, self.plan, self.reader, [], self.device).to(torch.float32)
 
 
 def stem_config(base: ModelFolder):
@@ -71,13 +101,12 @@ def make_batches(sequences: list[Sequence], batch_size: int, pad_id: int = 0) ->
     return batches
 
 
-def load_params(module: nn.Module, folder: ModelFolder, prefix: str, reader: TensorReader, skip: str = "") -> None:
-    """Fill `module`'s parameters from `folder` tensors named prefix + parameter name (float32)."""
+def load_params(module: nn.Module, weights: Weights, names: dict[str, str]) -> None:
+    """Fill `module`'s parameters: names maps each parameter name to its checkpoint tensor name."""
     with torch.no_grad():
-        for name, param in module.named_parameters():
-            if skip and name.startswith(skip):
-                continue
-            param.copy_(reader.read(folder.tensors[prefix + name]).to(torch.float32))
+        params = dict(module.named_parameters())
+        for param, tensor in names.items():
+            params[param].copy_(weights(tensor))
 
 
 class MoeMlp(nn.Module):
@@ -104,16 +133,16 @@ class MoeMlp(nn.Module):
 
 
 class LayerStream:
-    """The base's stem, layer by layer, over a fixed list of token batches."""
+    """A Llama/Mistral stack, layer by layer, over a fixed list of token batches."""
 
-    def __init__(self, base: ModelFolder, batches: list[Batch], device: torch.device, reader: TensorReader) -> None:
-        self.base = base
+    def __init__(self, base: ModelFolder, weights: Weights, batches: list[Batch], device: torch.device) -> None:
+        self.model_type = base.model_type  # the architecture and config are the base's
+        self.weights = weights
         self.batches = batches
         self.device = device
-        self.reader = reader
         self.config = stem_config(base)
         self.num_layers = int(self.config.num_hidden_layers)
-        rotary = _class(base.model_type, "RotaryEmbedding")(self.config).to(device)
+        rotary = _class(self.model_type, "RotaryEmbedding")(self.config).to(device)
         self._rope = [rotary(torch.zeros(1, device=device), self._positions(b)) for b in batches]
         masks = import_module("transformers.masking_utils")
         sliding = getattr(self.config, "sliding_window", None) is not None
@@ -124,21 +153,26 @@ class LayerStream:
 
     def embed(self) -> list[torch.Tensor]:
         """Layer 0's input per batch: embedding rows of the ids (kept on the CPU between layers)."""
-        table = self.reader.read(self.base.tensors[mixtral.EMBED]).to(torch.float32)
+        table = self.weights(mixtral.EMBED)
         return [table[b.ids] for b in self.batches]
 
     def decoder_layer(self, index: int, mlp: Optional[nn.Module] = None) -> nn.Module:
-        """Decoder layer `index` of the base; with `mlp`, its dense MLP replaced by that module."""
-        layer = _class(self.base.model_type, "DecoderLayer")(self.config, index)
+        """Decoder layer `index`; with `mlp`, its dense MLP replaced by that module (whose weights
+        the caller has loaded), else the dense MLP read from the weights too."""
+        layer = _class(self.model_type, "DecoderLayer")(self.config, index)
         if mlp is not None:
             layer.mlp = mlp
-        load_params(layer, self.base, mixtral.layer_prefix(index), self.reader, skip="mlp." if mlp is not None else "")
+        prefix = mixtral.layer_prefix(index)
+        names = {n: prefix + n for n, _ in layer.named_parameters() if mlp is None or not n.startswith("mlp.")}
+        load_params(layer, self.weights, names)
         return layer.to(self.device).eval()
 
-    def expert_mlp(self, folder: ModelFolder, index: int) -> nn.Module:
-        """The dense MLP of layer `index` of `folder` (an expert)."""
-        mlp = _class(self.base.model_type, "MLP")(self.config)
-        load_params(mlp, folder, mixtral.layer_prefix(index) + "mlp.", self.reader)
+    def expert_mlp(self, index: int, expert: int) -> nn.Module:
+        """Expert `expert`'s MLP in layer `index` of the output (w1/w3/w2 -> gate/up/down_proj)."""
+        mlp = _class(self.model_type, "MLP")(self.config)
+        names = {dense.removeprefix("mlp."): mixtral.expert_tensor(index, expert, proj)
+                 for proj, dense in mixtral.EXPERT_FROM_MLP.items()}
+        load_params(mlp, self.weights, names)
         return mlp
 
     @torch.no_grad()

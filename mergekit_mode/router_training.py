@@ -31,7 +31,7 @@ from tqdm import tqdm
 from mergekit_mode.calibration import ExpertTexts, Sequence
 from mergekit_mode.executor import execute
 from mergekit_mode.inputs import TensorReader
-from mergekit_mode.layerwise import Batch, LayerStream, MoeMlp, make_batches
+from mergekit_mode.layerwise import Batch, LayerStream, MoeMlp, PlanWeights, make_batches
 from mergekit_mode.plan import BASE, Plan
 from mergekit_mode.recipe import TrainSpec
 from mergekit_mode.routers import STREAM_BATCH, RouterContext
@@ -72,7 +72,6 @@ def train_domain(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor],
     the token's domain, then run the layer with the fitted router to feed the next one."""
     spec = plan.recipe.recipe.router.training
     top_k = int(plan.config["num_experts_per_tok"])
-    names = plan.recipe.recipe.expert_names
     train_seqs, train_labels = _labelled(texts, held_out=False)
     held_seqs, held_labels = _labelled(texts, held_out=True)
     batches = make_batches(train_seqs + held_seqs, STREAM_BATCH)
@@ -83,10 +82,10 @@ def train_domain(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor],
     routers, accuracy = [], []
     bar = _progress(spec.steps * len(init), "Training routers (domain)", ctx.quiet)
     with TensorReader() as reader, bar:
-        stream = LayerStream(plan.inputs[BASE], batches, ctx.device, reader)
+        stream = LayerStream(plan.inputs[BASE], PlanWeights(plan, reader, ctx.device), batches, ctx.device)
         hidden = stream.embed()
         for index in range(stream.num_layers):
-            moe = MoeMlp(init[index].clone(), [stream.expert_mlp(plan.inputs[n], index) for n in names], top_k)
+            moe = MoeMlp(init[index].clone(), [stream.expert_mlp(index, e) for e in range(len(init[index]))], top_k)
             layer = stream.decoder_layer(index, moe)
             _, router_inputs = stream.run(layer, hidden)
             x = torch.cat([b.real(r) for r, b in zip(router_inputs, batches)])

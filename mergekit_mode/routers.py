@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from mergekit_mode.calibration import ExpertTexts, Sequence, load_calibration, load_tokenizer
 from mergekit_mode.inputs import TensorReader
-from mergekit_mode.layerwise import LayerStream, make_batches
+from mergekit_mode.layerwise import FolderWeights, LayerStream, make_batches
 from mergekit_mode.plan import BASE, Plan
 
 # Sequences per forward batch of the layer-streamed base.
@@ -89,7 +89,8 @@ def hidden_rows(plan: Plan, texts: list[ExpertTexts], pooling: str, ctx: RouterC
     num_experts = len(texts)
     rows = []
     with TensorReader() as reader:
-        stream = LayerStream(plan.inputs[BASE], make_batches(sequences, STREAM_BATCH), ctx.device, reader)
+        weights = FolderWeights(plan.inputs[BASE], reader)
+        stream = LayerStream(plan.inputs[BASE], weights, make_batches(sequences, STREAM_BATCH), ctx.device)
         hidden = stream.embed()
         for index in _layers(stream.num_layers, "hidden states", ctx):
             hidden, router_inputs = stream.run(stream.decoder_layer(index), hidden)

@@ -14,8 +14,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergekit_mode.calibration import tokenize_documents
 from mergekit_mode.inputs import ModelFolder, TensorReader
-from mergekit_mode.layerwise import LayerStream, make_batches
-from mergekit_mode.toy import make_model, write_corpus
+from mergekit_mode.build import plan_recipe
+from mergekit_mode.layerwise import FolderWeights, LayerStream, MoeMlp, PlanWeights, make_batches
+from mergekit_mode.plan import BASE
+from mergekit_mode.toy import make_expert, make_model, write_corpus
+from tests.conftest import write_recipe
 from tests.test_build import read_tensor
 
 
@@ -34,30 +37,72 @@ def full_model_router_inputs(model, ids: list[int]) -> tuple[list[torch.Tensor],
     return router_inputs, [h[0] for h in out.hidden_states[1:-1]]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral"])
-def test_layer_stream_equals_full_forward(tmp_path, tokenizer_dir, arch):
-    """Right-padded batches, layer by layer, give the full model's numbers for every real token
-    (Mistral with a sliding window shorter than the sequences, so the window mask matters)."""
-    base = make_model(tmp_path / arch, arch, num_layers=3, tokenizer_dir=tokenizer_dir, seed=3,
-                      sliding_window=5 if arch == "mistral" else None)
-    gen = torch.Generator().manual_seed(0)
-    sequences = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (17, 9, 12, 1, 17)]
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    with TensorReader() as reader:
-        stream = LayerStream(ModelFolder.open(base, "base"), make_batches(sequences, 3), torch.device("cpu"), reader)
-        hidden = stream.embed()
-        per_layer = []
-        for index in range(stream.num_layers):
-            hidden, router_inputs = stream.run(stream.decoder_layer(index), hidden)
-            per_layer.append((hidden, router_inputs))
+def run_stream(stream: LayerStream, mlp=lambda index: None) -> list[tuple[list, list]]:
+    """(hidden states, router inputs) per layer, each a list over the stream's batches."""
+    hidden = stream.embed()
+    per_layer = []
+    for index in range(stream.num_layers):
+        hidden, router_inputs = stream.run(stream.decoder_layer(index, mlp(index)), hidden)
+        per_layer.append((hidden, router_inputs))
+    return per_layer
+
+
+def assert_stream_matches(model, sequences: list[list[int]], batch_size: int, per_layer) -> None:
+    """Every real token of every batch row equals the whole model run on that sequence alone."""
     for s, ids in enumerate(sequences):
-        batch, row = divmod(s, 3)
+        batch, row = divmod(s, batch_size)
         expected_router, expected_out = full_model_router_inputs(model, ids)
         for index, (hidden, router_inputs) in enumerate(per_layer):
             n = len(ids)
             torch.testing.assert_close(router_inputs[batch][row, :n], expected_router[index], rtol=1e-5, atol=1e-5)
             if index < len(per_layer) - 1:
                 torch.testing.assert_close(hidden[batch][row, :n], expected_out[index], rtol=1e-5, atol=1e-5)
+
+
+def _sequences(seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (17, 9, 12, 1, 17)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_layer_stream_equals_full_forward(tmp_path, tokenizer_dir, arch):
+    """Right-padded batches, layer by layer, give the full model's numbers for every real token
+    (Mistral with a sliding window shorter than the sequences, so the window mask matters)."""
+    base = make_model(tmp_path / arch, arch, num_layers=3, tokenizer_dir=tokenizer_dir, seed=3,
+                      sliding_window=5 if arch == "mistral" else None)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    sequences = _sequences()
+    with TensorReader() as reader:
+        folder = ModelFolder.open(base, "base")
+        stream = LayerStream(folder, FolderWeights(folder, reader), make_batches(sequences, 3), torch.device("cpu"))
+        per_layer = run_stream(stream)
+    assert_stream_matches(model, sequences, 3, per_layer)
+
+
+def test_layer_streamed_moe_equals_the_built_model(llama, tmp_path, run_cli):
+    """What objective `domain` runs (the output's own tensors computed on demand, Mixtral's sparse
+    block over the experts' MLPs) reproduces the written MoE in transformers: with a linear stem
+    over experts whose attention differs, and a top-2 router."""
+    names = ["a", "b", "c"]
+    experts = [make_expert(llama.base, tmp_path / n, seed=10 + i, mlp_scale=0.5, attn_scale=0.5)
+               for i, n in enumerate(names)]
+    stem = {"merge_method": "linear", "models": [{"model": n, "parameters": {"weight": w}} for n, w in zip(names, (1, 2, 3))]}
+    recipe = write_recipe(tmp_path / "r.yml", llama.base, experts, names=names, stem=stem,
+                          router={"mode": "noisy", "experts_per_token": 2, "std": 0.5})
+    assert run_cli(recipe, tmp_path / "out", "-q").code == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    plan = plan_recipe(recipe)
+    sequences = _sequences(1)
+    cpu = torch.device("cpu")
+
+    def moe(index: int) -> MoeMlp:
+        router = read_tensor(tmp_path / "out", f"model.layers.{index}.block_sparse_moe.gate.weight")
+        return MoeMlp(router, [stream.expert_mlp(index, e) for e in range(len(names))], 2)
+
+    with TensorReader() as reader:
+        stream = LayerStream(plan.inputs[BASE], PlanWeights(plan, reader, cpu), make_batches(sequences, 2), cpu)
+        per_layer = run_stream(stream, moe)
+    assert_stream_matches(model, sequences, 2, per_layer)
 
 
 def _domain_files(root: Path, domains: list[str], n_chars: int, seed: int) -> list[Path]:
