@@ -152,8 +152,8 @@ def eval_command(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, 
     tokens each expert receives per layer.
 
     Perplexity is token-weighted over non-overlapping windows of --ctx tokens of each domain's
-    text (the first token of each window is context only). Routing counts the top-k choices of
-    every token; each layer's shares sum to 1.
+    text (the first token of each window is context only). Routing is the share of the tokens
+    that have each expert among their top-k; each layer's shares sum to k.
     """
     from mergekit_mode.evaluate import format_table, to_json
 

@@ -6,9 +6,10 @@ into one token stream and cut into non-overlapping windows of `ctx` tokens; ever
 first of its window is scored, and perplexity is exp(total loss / scored tokens). Fixed windows
 make numbers comparable between models that share a tokenizer (the base, the experts, the MoE).
 
-For Mixture-of-Experts models (config has `num_local_experts`) routing is the share of the top-k
-choices each expert receives in each layer, over every input token, from the router logits:
-each row sums to 1, and 1/E per expert is what a balanced router gives.
+For Mixture-of-Experts models (config has `num_local_experts`) routing is, per layer and expert,
+the share of the input tokens that have the expert among their top-k choices (from the router
+logits): 1.0 means the expert runs on every token. Each layer sums to k; k/E per expert is what
+a balanced router gives.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from mergekit_mode.layerwise import Batch, make_batches
 class DomainResult:
     perplexity: float
     tokens: int  # scored tokens
-    routing: Optional[list[list[float]]]  # [layer][expert] share of top-k choices; None for dense models
+    routing: Optional[list[list[float]]]  # [layer][expert] share of tokens; None for dense models
 
 
 def parse_data(values: tuple[str, ...]) -> dict[str, Path]:
@@ -80,7 +81,7 @@ def evaluate_domain(model, ids: list[int], ctx: int, batch_size: int, device: to
     cfg = model.config
     num_experts = getattr(cfg, "num_local_experts", None)
     counts = torch.zeros(cfg.num_hidden_layers, num_experts) if num_experts else None
-    loss_sum, scored = 0.0, 0
+    loss_sum, scored, routed_tokens = 0.0, 0, 0
     for batch in make_batches(windows(ids, ctx), batch_size):
         kwargs = {"output_router_logits": True} if counts is not None else {}
         out = model(input_ids=batch.ids.to(device), **kwargs)
@@ -89,10 +90,11 @@ def evaluate_domain(model, ids: list[int], ctx: int, batch_size: int, device: to
                                     ignore_index=-100, reduction="sum").item()
         scored += int((targets != -100).sum())
         if counts is not None:
+            routed_tokens += int(batch.lengths.sum())
             _count_choices(counts, out.router_logits, batch, int(cfg.num_experts_per_tok))
     if scored == 0:
         raise ModeError("--data: fewer than 2 tokens of text")
-    routing = (counts / counts.sum(-1, keepdim=True)).tolist() if counts is not None else None
+    routing = (counts / routed_tokens).tolist() if counts is not None else None
     return DomainResult(float(torch.tensor(loss_sum / scored).exp()), scored, routing)
 
 
@@ -133,7 +135,7 @@ def format_table(results: dict[str, DomainResult], names: list[str]) -> str:
         if r.routing is None:
             continue
         col = max(6, *(len(n) for n in names))
-        lines += ["", f"routing of {domain} (share of top-k choices per expert)",
+        lines += ["", f"routing of {domain} (share of its tokens that each expert gets, top-k)",
                   "layer  " + "  ".join(f"{n:>{col}}" for n in names)]
         lines += [f"{layer:>5}  " + "  ".join(f"{s:>{col}.3f}" for s in row) for layer, row in enumerate(r.routing)]
     return "\n".join(lines)

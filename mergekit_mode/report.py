@@ -47,7 +47,7 @@ def plot_routing(results: dict[str, DomainResult], names: list[str], out: Path) 
         ax.set_yticks(range(layers), [str(i) for i in range(layers)], fontsize=8)
         ax.set_xlabel("expert")
     axes[0][0].set_ylabel("layer")
-    fig.colorbar(image, ax=axes[0].tolist(), label="share of top-k choices", shrink=0.9)
+    fig.colorbar(image, ax=axes[0].tolist(), label="share of tokens routed to the expert", shrink=0.9)
     fig.suptitle("Routing per domain", fontsize=11)
     try:
         fig.savefig(out, dpi=150)

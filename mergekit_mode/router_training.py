@@ -69,7 +69,9 @@ def _progress(total: int, desc: str, quiet: bool) -> tqdm:
 
 def train_domain(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx: RouterContext) -> list[torch.Tensor]:
     """Per layer, in order: capture the MoE's router inputs, fit the router with cross-entropy to
-    the token's domain, then run the layer with the fitted router to feed the next one."""
+    the token's domain, then run the layer with the fitted router to feed the next one. Each
+    layer runs twice (its outputs depend on the router being fitted), a small price next to
+    loading the whole MoE."""
     spec = plan.recipe.recipe.router.training
     top_k = int(plan.config["num_experts_per_tok"])
     train_seqs, train_labels = _labelled(texts, held_out=False)
