@@ -223,3 +223,10 @@ def test_missing_data_file_is_a_one_line_error(llama, tmp_path, run_cli):
     assert result.code == 2
     assert result.err.strip().endswith("nope0.txt does not exist") and "experts[0].data" in result.err
     assert not (tmp_path / "out").exists()
+
+
+def test_data_unused_by_the_router_mode_is_a_warning(llama, tmp_path, run_cli):
+    experts = [{"model": str(m), "prompts": ["1 + 1 = 2"]} for m in llama.experts[:2]]
+    result = run_cli("validate", _recipe(tmp_path / "r.yml", llama.base, experts, {"mode": "gateless"}))
+    assert result.code == 0
+    assert "not used by router.mode gateless" in result.err
