@@ -6,8 +6,9 @@ import json
 from importlib.metadata import version
 
 from mergekit_mode import __version__
+from mergekit_mode.adapters import AdapterFolder
 from mergekit_mode.plan import BASE, Plan
-from mergekit_mode.recipe import Recipe
+from mergekit_mode.recipe import ExpertSpec, FromExpert, Recipe
 from mergekit_mode.stem import resolve_stem
 
 ROUTER_TEXT = {
@@ -21,11 +22,47 @@ ROUTER_TEXT = {
 }
 
 
+SHARED_TEXT = {  # stem: base with adapter experts, by shared_deltas
+    "average": "the base's plus the mean of the adapter experts' changes (an adapter that leaves a tensor alone "
+    "counts as a zero change; full fine-tunes bring only their MLP)",
+    "drop": "the base's (adapters' changes outside the MLP are dropped)",
+}
+
+
+def _source(spec: ExpertSpec) -> str:
+    if spec.adapter is None:
+        return f"`{spec.model}`"
+    return f"LoRA `{spec.adapter}` on " + (f"`{spec.model}`" if spec.model else "the base")
+
+
+def _lora_text(name: str, adapter: AdapterFolder) -> str:
+    """What was merged, per adapter: enough to tell two builds of the same folders apart."""
+    loras = adapter.modules.values()
+    targets = sorted({lora.weight.removesuffix(".weight").rsplit(".", 1)[-1] for lora in loras})
+    ranks = ", ".join(str(r) for r in sorted({lora.r for lora in loras})) or "-"
+    alphas = ", ".join(f"{a:g}" for a in sorted({lora.alpha for lora in loras})) or "-"
+    scales = ", ".join(f"{s:g}" for s in sorted({lora.scale for lora in loras})) or "-"
+    kind = " + ".join(["LoRA"] + ["rsLoRA scaling"] * adapter.rslora + ["DoRA"] * adapter.dora)
+    saved = f"; modules_to_save {', '.join(sorted(adapter.saved))}" if adapter.saved else ""
+    return (f"- `{name}`: {kind}, rank {ranks}, alpha {alphas}, scaling {scales}, "
+            f"targets {', '.join(targets) or '-'}{saved}")
+
+
+def _policy_text(policy: object, texts: dict[object, str]) -> str:
+    if isinstance(policy, FromExpert):
+        return f"taken from expert `{policy.from_}`"
+    return texts[policy]
+
+
 def stem_text(recipe: Recipe) -> str:
     """How the shared tensors were made, with the method's parameters as the recipe set them."""
     stem = resolve_stem(recipe.stem, recipe.expert_names)
     if stem is None:
-        return "copied from the base model"
+        if all(e.adapter is None for e in recipe.experts):
+            return "copied from the base model"
+        return (f"attention and norms: {_policy_text(recipe.shared_deltas, SHARED_TEXT)}; "
+                "embeddings and lm_head: "
+                + _policy_text(recipe.embeddings, {None: "the base's (no adapter changes them)", "base": "the base's"}))
     spec = recipe.stem
     per_model = "".join(f"; {m.model}: `{json.dumps(m.parameters)}`" for m in spec.models or () if m.parameters)
     return (f"merged by mergekit {version('mergekit')}'s `{stem.method}` of {', '.join(stem.inputs)} "
@@ -36,7 +73,13 @@ def model_card(plan: Plan) -> str:
     recipe = plan.recipe.recipe
     cfg = plan.config
     rows = "\n".join(
-        f"| {e} | {name} | `{spec.model}` |" for e, (name, spec) in enumerate(zip(recipe.expert_names, recipe.experts))
+        f"| {e} | {name} | {_source(spec)} |" for e, (name, spec) in enumerate(zip(recipe.expert_names, recipe.experts))
+    )
+    loras = [_lora_text(name, plan.inputs[name]) for name, spec in zip(recipe.expert_names, recipe.experts)
+             if spec.adapter is not None]
+    adapters = "" if not loras else (
+        "\n## Adapters\n\nMerged into their weights as peft's `merge_and_unload()` does, in float32:\n\n"
+        + "\n".join(loras) + "\n"
     )
     return f"""---
 base_model: {recipe.base_model}
@@ -61,7 +104,7 @@ A Mixtral-format Mixture-of-Experts built by [mergekit-mode](https://pypi.org/pr
 - Router `{recipe.router.mode}`: {ROUTER_TEXT[recipe.router.mode]} (seed {recipe.router.seed}).
 - {cfg['num_local_experts']} experts, {cfg['num_experts_per_tok']} per token, {cfg['num_hidden_layers']} layers,
   dtype {cfg['dtype']}, base architecture `{plan.inputs[BASE].model_type}`.
-
+{adapters}
 Loads with no custom code:
 
 ```python

@@ -25,9 +25,9 @@ MAIN_HELP = """Build a Mixture-of-Domain-Experts model in the canonical Mixtral 
     mergekit-mode eval MODEL --data NAME=FILE ...    perplexity and routing per domain
     mergekit-mode report MODEL --data NAME=FILE ... --plot routing.png
 
-The base model gives attention, embeddings, norms and tokenizer; each expert (a fine-tune of the
-base) brings its MLP; a router picks experts per token. The output loads in transformers,
-llama.cpp and vLLM with no custom code. `mergekit-mode build --help` lists the build options.
+The base model gives attention, embeddings, norms and tokenizer; each expert (a fine-tune of
+the base, or a peft LoRA adapter of it) brings its MLP; a router picks experts per token. The
+output loads in transformers, llama.cpp and vLLM with no custom code. `mergekit-mode build --help` lists the build options.
 """
 
 
@@ -79,11 +79,12 @@ def build(recipe: Path, out: Path, dry_run: bool, force: bool, device: str, quie
 @cli.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
 def validate(recipes: tuple[Path, ...]) -> None:
-    """Check RECIPES and their inputs without reading weights.
+    """Check RECIPES and their inputs without reading weights (LoRA biases aside: a few vectors).
 
     Checks the schema, that every folder, config.json and safetensors header exists and parses,
-    that every expert has the base's architecture and shapes, and that top-k fits. Prints one
-    line per recipe; exit code 2 if any is invalid (for CI pipelines).
+    that every expert has the base's architecture and shapes, that every adapter is a mergeable
+    LoRA whose modules and ranks fit, and that top-k fits. Prints one line per recipe; exit
+    code 2 if any is invalid (for CI pipelines).
     """
     from mergekit_mode.build import plan_recipe
 

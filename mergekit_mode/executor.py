@@ -10,40 +10,87 @@ from typing import Callable
 
 import torch
 
+from mergekit_mode.adapters import merge_lora
 from mergekit_mode.errors import ModeError
-from mergekit_mode.inputs import Prefetcher, TensorReader
+from mergekit_mode.inputs import Prefetcher, TensorInfo, TensorReader
 from mergekit_mode.numerics import all_finite
-from mergekit_mode.plan import Copy, OutputTensor, Plan, RouterWeights, StemMerge
+from mergekit_mode.ops import Copy, LoraMerge, Mean, RouterWeights, Source, StemMerge
+from mergekit_mode.plan import OutputTensor, Plan
 from mergekit_mode.stem import merge
 from mergekit_mode.writer import ShardedWriter
 
 Progress = Callable[[OutputTensor], None]
 
 
-def compute(
-    item: OutputTensor, plan: Plan, reader: Prefetcher, routers: list[torch.Tensor], device: torch.device
-) -> torch.Tensor:
+class _Inputs:
+    """Reads plan sources, in the order their ops list them (the prefetcher expects exactly that),
+    onto the compute device. The reader has checked them for NaN/Inf."""
+
+    def __init__(self, plan: Plan, reader: Prefetcher, device: torch.device) -> None:
+        self.plan, self.reader, self.device = plan, reader, device
+
+    def info(self, source: Source) -> TensorInfo:
+        return self.plan.inputs[source.model].tensors[source.tensor]
+
+    def read(self, source: Source) -> torch.Tensor:
+        return self.reader.read(self.info(source))
+
+    def float(self, source: Source) -> torch.Tensor:
+        return self.read(source).to(self.device, torch.float32)
+
+    def merged(self, op: LoraMerge, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The merged weight in float32; `weight` is op.base when the caller already holds it."""
+        base = self.float(op.base) if weight is None else weight
+        lora_A, lora_B = self.float(op.lora_A), self.float(op.lora_B)
+        magnitude = self.float(op.magnitude) if op.magnitude else None
+        return merge_lora(base, lora_A, lora_B, op.scale, op.transpose, magnitude)
+
+    def version(self, op: Copy | LoraMerge) -> torch.Tensor:
+        """One stem model's tensor on the device: as stored, or an adapter expert's merge."""
+        return self.read(op.source).to(self.device) if isinstance(op, Copy) else self.merged(op)
+
+    def mean(self, op: Mean) -> torch.Tensor:
+        base = self.float(op.base)
+        total = torch.zeros_like(base)
+        for change in op.changes:
+            old = base if change.old == op.base else self.float(change.old)
+            # a LoraMerge's base is its change's `old` (experts.Expert.change); a Copy is a saved module
+            new = self.merged(change.new, old) if isinstance(change.new, LoraMerge) else self.float(change.new.source)
+            total.add_(new).sub_(old)
+        return total.div_(op.count).add_(base)
+
+
+def compute(item: OutputTensor, inputs: _Inputs, routers: list[torch.Tensor]) -> torch.Tensor:
     op = item.op
     if isinstance(op, Copy):
-        info = plan.inputs[op.source.model].tensors[op.source.tensor]
-        tensor = reader.read(info)
+        info = inputs.info(op.source)
+        tensor = inputs.read(op.source)
         if tensor.dtype != item.dtype:
-            tensor = tensor.to(device).to(item.dtype)
+            tensor = tensor.to(inputs.device).to(item.dtype)
             if not all_finite(tensor):
                 raise ModeError(f"{info.file}: tensor {info.name} overflows {item.dtype} (values beyond its range)")
         return tensor
     if isinstance(op, RouterWeights):
-        tensor = routers[op.layer].to(item.dtype)
-        if not all_finite(tensor):
-            raise ModeError(f"router of layer {op.layer}: contains NaN or Inf")
-        return tensor
-    if isinstance(op, StemMerge):
-        tensors = [reader.read(plan.inputs[s.model].tensors[s.tensor]).to(device) for s in op.sources]
-        tensor = merge(op, item.name, tensors, item.dtype)
-        if not all_finite(tensor):
-            raise ModeError(f"stem: {op.method} made NaN or Inf in {item.name} (check the weights, e.g. a zero sum)")
-        return tensor
-    raise AssertionError(f"no executor for {op!r}")
+        tensor, error = routers[op.layer], f"router of layer {op.layer}: contains NaN or Inf"
+    elif isinstance(op, LoraMerge):
+        tensor, error = inputs.merged(op), f"{item.name} ({op}): contains NaN or Inf"
+    elif isinstance(op, Mean):
+        tensor, error = inputs.mean(op), f"{item.name} ({op}): contains NaN or Inf"
+    elif isinstance(op, StemMerge):
+        tensor = merge(op, item.name, [inputs.version(i) for i in op.inputs], item.dtype)
+        error = f"stem: {op.method} made NaN or Inf in {item.name} (check the weights, e.g. a zero sum)"
+    else:
+        raise AssertionError(f"no executor for {op!r}")
+    tensor = tensor.to(item.dtype)
+    if not all_finite(tensor):  # after the cast: a value beyond float16's range is Inf there
+        raise ModeError(error)
+    return tensor
+
+
+def compute_alone(item: OutputTensor, plan: Plan, reader: TensorReader, device: torch.device) -> torch.Tensor:
+    """One output tensor outside the write pass, exactly as the write pass makes it (router
+    training runs the output's own layers from these)."""
+    return compute(item, _Inputs(plan, reader, device), [])
 
 
 def execute(
@@ -51,9 +98,10 @@ def execute(
 ) -> None:
     with TensorReader() as reader:
         prefetcher = Prefetcher(reader, plan.reads())
+        inputs = _Inputs(plan, prefetcher, device)
         try:
             for item in plan.tensors:
-                writer.write(item.name, compute(item, plan, prefetcher, routers, device))
+                writer.write(item.name, compute(item, inputs, routers))
                 progress(item)
         finally:
             prefetcher.close()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mergekit_mode.calibration import Sequence
+from mergekit_mode.executor import compute_alone
 from mergekit_mode.formats import mixtral
 from mergekit_mode.inputs import ModelFolder, TensorReader
 from mergekit_mode.plan import Plan
@@ -51,10 +52,7 @@ class PlanWeights:
         self.items = {t.name: t for t in plan.tensors}
 
     def __call__(self, name: str) -> torch.Tensor:
-        from mergekit_mode.executor import compute
-
-        item = replace(self.items[name], dtype=torch.float32)
-        return compute(item, self.plan, self.reader, [], self.device).to(torch.float32)
+        return compute_alone(replace(self.items[name], dtype=torch.float32), self.plan, self.reader, self.device)
 
 
 def stem_config(base: ModelFolder):

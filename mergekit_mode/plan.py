@@ -10,90 +10,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from pathlib import Path
+from typing import Iterator
 
 import torch
 
+from mergekit_mode.adapters import AdapterFolder
 from mergekit_mode.errors import ModeError
+from mergekit_mode.experts import (Expert, Input, adapter_warnings, check_tied_lm_head, embedding_op, experts_of,
+                                   model_key, shared_op, stem_op)
 from mergekit_mode.formats import mixtral
 from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder, TensorInfo
+from mergekit_mode.ops import BASE, Op, RouterWeights
 from mergekit_mode.recipe import DATA_MODES, LoadedRecipe
-from mergekit_mode.stem import BASE_MODEL, Params, Stem, resolve_stem
-
-BASE = BASE_MODEL  # the key of the recipe's base among the inputs; no expert may take this name
-
-
-@dataclass(frozen=True)
-class Source:
-    """A tensor of an input: `model` is BASE or an expert's name."""
-
-    model: str
-    tensor: str
-
-    def __str__(self) -> str:
-        return f"{self.model}:{self.tensor}"
-
-
-@dataclass(frozen=True)
-class Copy:
-    """The output is the source tensor, cast to the output dtype."""
-
-    source: Source
-
-    @property
-    def sources(self) -> tuple[Source, ...]:
-        return (self.source,)
-
-    def __str__(self) -> str:
-        return f"copy {self.source}"
-
-
-@dataclass(frozen=True)
-class RouterWeights:
-    """The output is the router of `layer`, made by the recipe's router mode."""
-
-    layer: int
-    mode: str
-
-    sources: tuple[Source, ...] = ()  # computed before the write pass, reads nothing here
-
-    def __str__(self) -> str:
-        return f"router {self.mode} (layer {self.layer})"
-
-
-@dataclass(frozen=True)
-class StemMerge:
-    """The output is mergekit's `method` applied to the same tensor of each source (stem merging).
-
-    Parameters are resolved for this tensor at plan time: `parameters` are the method's shared
-    ones, `input_parameters[i]` those of `sources[i]`; `sources[base_index]` is the method's base.
-    """
-
-    method: str
-    sources: tuple[Source, ...]
-    base_index: Optional[int]
-    parameters: Params
-    input_parameters: tuple[Params, ...]
-    seed: int
-
-    def __str__(self) -> str:
-        def fmt(params: Params) -> str:
-            return " ".join(f"{k}={v}" for k, v in params)
-
-        inputs = [f"{s.model}{'*' if i == self.base_index else ''}" + (f"[{fmt(p)}]" if p else "")
-                  for i, (s, p) in enumerate(zip(self.sources, self.input_parameters))]
-        return f"{self.method}({', '.join(inputs)}{'; ' + fmt(self.parameters) if self.parameters else ''})"
-
-
-def stem_merge(stem: Stem, tensor: str, t: float) -> StemMerge:
-    """The StemMerge of one shared tensor; `t` is mergekit's layer fraction for gradients."""
-    shared, per_input = stem.parameters(tensor, t)
-    base_index = stem.inputs.index(stem.base) if stem.base is not None else None
-    return StemMerge(stem.method, tuple(Source(m, tensor) for m in stem.inputs), base_index, shared, per_input, stem.seed)
-
-
-Op = Union[Copy, RouterWeights, StemMerge]
-
+from mergekit_mode.stem import Stem, resolve_stem
 
 @dataclass(frozen=True)
 class OutputTensor:
@@ -110,7 +40,7 @@ class OutputTensor:
 @dataclass(frozen=True)
 class Plan:
     recipe: LoadedRecipe
-    inputs: dict[str, ModelFolder]  # BASE and each expert's name
+    inputs: dict[str, Input]  # BASE, expert names, model_key(name) for an adapter's fine-tune
     config: dict  # the output's config.json
     dtype: torch.dtype
     tensors: tuple[OutputTensor, ...]
@@ -155,23 +85,36 @@ _SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_s
                "num_attention_heads", "num_key_value_heads")
 
 
-def open_inputs(loaded: LoadedRecipe) -> dict[str, ModelFolder]:
-    """Open the base and every expert folder (headers only) and check they fit together."""
+def open_inputs(loaded: LoadedRecipe) -> tuple[dict[str, Input], dict[str, str]]:
+    """Open the base and every expert folder (headers only) and check each fits the base.
+
+    Returns the inputs by key (BASE, expert names, model_key(name) for adapters' fine-tunes) and the
+    recipe field each key came from, for error messages."""
     recipe = loaded.recipe
     base = ModelFolder.open(loaded.resolve(recipe.base_model), "base_model")
     mixtral.check_base_config(base.config, "base_model")
-    inputs = {BASE: base}
+    inputs: dict[str, Input] = {BASE: base}
+    fields = {BASE: "base_model"}
     for i, (spec, name) in enumerate(zip(recipe.experts, recipe.expert_names)):
-        field = f"experts[{i}].model"
-        expert = ModelFolder.open(loaded.resolve(spec.model), field)
-        if expert.model_type != base.model_type:
-            raise ModeError(f"{field}: model_type {expert.model_type!r} differs from the base's {base.model_type!r}")
-        for key in _SHAPE_KEYS:
-            if expert.config.get(key) != base.config.get(key):
-                raise ModeError(f"{field}: {key} is {expert.config.get(key)}, the base's is {base.config.get(key)}")
-        inputs[name] = expert
+        if spec.model is not None:
+            key = model_key(name) if spec.adapter is not None else name
+            fields[key] = f"experts[{i}].model"
+            inputs[key] = _open_model(loaded.resolve(spec.model), fields[key], base)
+        if spec.adapter is not None:
+            fields[name] = f"experts[{i}].adapter"
+            inputs[name] = AdapterFolder.open(loaded.resolve(spec.adapter), fields[name])
     _check_data_files(loaded)
-    return inputs
+    return inputs, fields
+
+
+def _open_model(path: Path, field: str, base: ModelFolder) -> ModelFolder:
+    expert = ModelFolder.open(path, field)
+    if expert.model_type != base.model_type:
+        raise ModeError(f"{field}: model_type {expert.model_type!r} differs from the base's {base.model_type!r}")
+    for key in _SHAPE_KEYS:
+        if expert.config.get(key) != base.config.get(key):
+            raise ModeError(f"{field}: {key} is {expert.config.get(key)}, the base's is {base.config.get(key)}")
+    return expert
 
 
 def _check_data_files(loaded: LoadedRecipe) -> None:
@@ -183,12 +126,13 @@ def _check_data_files(loaded: LoadedRecipe) -> None:
             raise ModeError(f"experts[{i}].data: {loaded.resolve(spec.data)} does not exist")
 
 
+
 def _tensor(folder: ModelFolder, name: str, field: str, shape: tuple[int, ...] | None = None):
     info = folder.tensors.get(name)
     if info is None:
         raise ModeError(f"{field}: {folder.path} lacks tensor {name}")
     if shape is not None and info.shape != shape:
-        raise ModeError(f"{field}: tensor {name} has shape {list(info.shape)}, the base's is {list(shape)}")
+        raise ModeError(f"{field}: tensor {name} has shape {list(info.shape)}, expected {list(shape)}")
     if not info.dtype.is_floating_point:
         raise ModeError(f"{field}: tensor {name} is {DTYPE_TAGS[info.dtype]}, not a float")
     return info
@@ -201,12 +145,28 @@ def _output_dtype(loaded: LoadedRecipe, base: ModelFolder) -> torch.dtype:
     return embed.dtype if embed is not None and embed.dtype in _DTYPES.values() else torch.float32
 
 
+def _warnings(
+    loaded: LoadedRecipe, inputs: dict[str, Input], experts: dict[str, Expert], fields: dict[str, str],
+    stem: Stem | None,
+) -> Iterator[str]:
+    recipe = loaded.recipe
+    k = recipe.router.experts_per_token
+    n = len(experts)
+    if recipe.router.mode == "gateless" and k is not None and k != n:
+        yield f"router.experts_per_token: {k} is ignored by gateless, which uses all {n} experts"
+    if recipe.router.mode not in DATA_MODES and any(e.has_data for e in recipe.experts):
+        yield (f"experts' data/prompts are not used by router.mode {recipe.router.mode} "
+               f"(only by {' and '.join(DATA_MODES)})")
+    yield from adapter_warnings(inputs, experts, fields, recipe, stem.inputs if stem else None)
+
+
 def build_plan(loaded: LoadedRecipe) -> Plan:
     recipe = loaded.recipe
-    inputs = open_inputs(loaded)
+    inputs, fields = open_inputs(loaded)
     base = inputs[BASE]
+    experts = experts_of(loaded, inputs, fields)
     names = recipe.expert_names
-    fields = {name: f"experts[{i}].model" for i, name in enumerate(names)}
+    adapters = sum(e.adapter is not None for e in experts.values())
     dtype = _output_dtype(loaded, base)
     cfg = base.config
     num_layers = int(cfg["num_hidden_layers"])
@@ -215,41 +175,48 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
 
     used: set[str] = set()
     stem = resolve_stem(recipe.stem, names)
-    fields[BASE] = "base_model"
 
-    def from_base(name: str, t: float = 0.0) -> OutputTensor:
-        """A shared tensor: the base's, or with `stem:` merged from the stem's models."""
-        info = _tensor(base, name, "base_model")
-        used.add(name)
-        if stem is None:
-            return OutputTensor(name, info.shape, dtype, Copy(Source(BASE, name)))
-        op = stem_merge(stem, name, t)
-        for source in op.sources:
-            _tensor(inputs[source.model], name, fields[source.model], info.shape)
-        return OutputTensor(name, info.shape, dtype, op)
+    def output(name: str, tensor: str, op: Op) -> OutputTensor:
+        """`name` in the output, made by `op` from the base tensor `tensor` (or its versions)."""
+        shape = _tensor(base, tensor, "base_model", mixtral.expected_shape(cfg, tensor)).shape
+        for src in op.sources:  # model tensors; adapters' were checked against them when opened
+            folder = inputs[src.model]
+            if isinstance(folder, ModelFolder):
+                _tensor(folder, src.tensor, fields[src.model], shape)
+        used.add(tensor)
+        return OutputTensor(name, shape, dtype, op)
 
-    tensors = [from_base(mixtral.EMBED)]
+    def shared(tensor: str, t: float = 0.0) -> OutputTensor:
+        """Attention and norms: merged by `stem:`, or the base's with the shared_deltas policy."""
+        if stem is not None:
+            return output(tensor, tensor, stem_op(stem, tensor, t, experts))
+        return output(tensor, tensor, shared_op(tensor, experts, recipe.shared_deltas, adapters))
+
+    def embedding(tensor: str) -> OutputTensor:
+        """embed_tokens and lm_head: merged by `stem:`, or by the embeddings policy."""
+        if stem is not None:
+            return output(tensor, tensor, stem_op(stem, tensor, 0.0, experts))
+        return output(tensor, tensor, embedding_op(tensor, experts, recipe.embeddings, fields))
+
+    tensors = [embedding(mixtral.EMBED)]
     for layer in range(num_layers):
         prefix = mixtral.layer_prefix(layer)
         t = layer / (num_layers - 1) if num_layers > 1 else 1.0  # mergekit's layer fraction
-        tensors += [from_base(prefix + suffix, t) for suffix in mixtral.LAYER_SHARED]
+        tensors += [shared(prefix + suffix, t) for suffix in mixtral.LAYER_SHARED]
         for e, name in enumerate(names):
             for proj, mlp in mixtral.EXPERT_FROM_MLP.items():
-                shape = _tensor(base, prefix + mlp, "base_model").shape
-                _tensor(inputs[name], prefix + mlp, fields[name], shape)
-                used.add(prefix + mlp)
-                tensors.append(
-                    OutputTensor(mixtral.expert_tensor(layer, e, proj), shape, dtype, Copy(Source(name, prefix + mlp)))
-                )
+                op = experts[name].op(prefix + mlp)
+                tensors.append(output(mixtral.expert_tensor(layer, e, proj), prefix + mlp, op))
         tensors.append(
             OutputTensor(mixtral.router_tensor(layer), (len(names), hidden), dtype,
                          RouterWeights(layer, recipe.router.mode))
         )
-    tensors.append(from_base(mixtral.FINAL_NORM))
+    tensors.append(shared(mixtral.FINAL_NORM))
     if not tied:
-        tensors.append(from_base(mixtral.LM_HEAD))
-    elif mixtral.LM_HEAD in base.tensors:
+        tensors.append(embedding(mixtral.LM_HEAD))
+    else:
         used.add(mixtral.LM_HEAD)  # tied: the runtime reuses the embeddings
+        check_tied_lm_head(experts, recipe.embeddings, fields, stem.inputs if stem else None)
 
     leftover = sorted(n for n in base.tensors if n not in used and not n.endswith(mixtral.IGNORABLE_SUFFIXES))
     if leftover:
@@ -257,12 +224,6 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
             f"base_model: tensor {leftover[0]} has no place in a Mixtral checkpoint"
             + (f" (and {len(leftover) - 1} more)" if len(leftover) > 1 else "")
         )
-    warnings = []
-    k = recipe.router.experts_per_token
-    if recipe.router.mode == "gateless" and k is not None and k != len(names):
-        warnings.append(f"router.experts_per_token: {k} is ignored by gateless, which uses all {len(names)} experts")
-    if recipe.router.mode not in DATA_MODES and any(e.has_data for e in recipe.experts):
-        warnings.append(f"experts' data/prompts are not used by router.mode {recipe.router.mode} "
-                        f"(only by {' and '.join(DATA_MODES)})")
     config = mixtral.build_config(cfg, len(names), recipe.top_k, str(dtype).removeprefix("torch."))
-    return Plan(loaded, inputs, config, dtype, tuple(tensors), tuple(warnings))
+    warnings = tuple(_warnings(loaded, inputs, experts, fields, stem))
+    return Plan(loaded, inputs, config, dtype, tuple(tensors), warnings)

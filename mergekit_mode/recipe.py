@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -64,14 +64,50 @@ class ExpertData(_Strict):
 
 
 class ExpertSpec(ExpertData):
-    """One expert: a full fine-tune of the base whose MLP becomes this expert."""
+    """One expert: a full fine-tune of the base, a LoRA adapter of it, or an adapter of a fine-tune."""
 
-    name: Optional[str] = Field(None, description="Unique name; default: the model folder's name.")
-    model: Path = Field(description="Folder of a fine-tune of base_model (same architecture and shapes).")
+    name: Optional[str] = Field(
+        None, description="Unique name; default: the model folder's name, or the adapter folder's without a model."
+    )
+    model: Optional[Path] = Field(None, description="Folder of a fine-tune of base_model (same architecture and shapes).")
+    adapter: Optional[Path] = Field(
+        None, description="Folder of a peft LoRA adapter (adapter_config.json + adapter_model.safetensors), "
+        "merged into `model` when given, else into base_model.",
+    )
+
+    @model_validator(mode="after")
+    def _model_or_adapter(self) -> "ExpertSpec":
+        if self.model is None and self.adapter is None:
+            raise ValueError("give model:, adapter: or both")
+        return self
 
     @property
     def display_name(self) -> str:
-        return self.name or Path(self.model).name
+        return self.name or Path(self.model or self.adapter).name
+
+
+class FromExpert(_Strict):
+    """Take these tensors from one expert (its fine-tune's, or the base's with its adapter merged)."""
+
+    from_: str = Field(alias="from", description="The expert's name.")
+
+
+def _policy(choices: tuple[str, ...]):
+    """A policy is one of `choices` or {from: <expert>}; one clear message instead of pydantic's
+    per-union-member errors."""
+
+    def check(value: object) -> object:
+        if value in choices or isinstance(value, FromExpert):
+            return value
+        if isinstance(value, dict) and set(value) == {"from"} and isinstance(value["from"], str):
+            return FromExpert.model_validate(value)
+        raise ValueError(f"use {' or '.join(choices)} or {{from: <expert name>}}, not {value!r}")
+
+    return BeforeValidator(check)
+
+
+SharedDeltas = Annotated[Union[Literal["average", "drop"], FromExpert], _policy(("average", "drop"))]
+Embeddings = Annotated[Union[Literal["base"], FromExpert], _policy(("base",))]
 
 
 DATA_MODES = ("hidden", "trained")
@@ -194,6 +230,19 @@ class Recipe(_Strict):
         None, description="`base` (default): shared tensors are the base's. A mapping: merged by a mergekit method.",
         json_schema_extra=_stem_schema)
     output: OutputSpec = OutputSpec()
+    shared_deltas: SharedDeltas = Field(
+        "average",
+        description="With stem: base, what adapters' changes outside the MLP (attention, norms) become, as "
+        "Mixtral shares them: "
+        "average: the base plus the mean of the adapter experts' changes (an adapter that leaves a tensor alone "
+        "counts as a zero change; full fine-tunes give only their MLP); drop: the base's; "
+        "{from: <expert>}: that expert's tensors.",
+    )
+    embeddings: Optional[Embeddings] = Field(
+        None,
+        description="With stem: base, needed when an adapter changes embed_tokens or lm_head (LoRA target or "
+        "modules_to_save), which Mixtral shares: base: keep the base's; {from: <expert>}: that expert's.",
+    )
 
     @model_validator(mode="after")
     def _names_unique_and_k_fits(self) -> "Recipe":
@@ -211,6 +260,12 @@ class Recipe(_Strict):
                 if not expert.has_data:
                     raise _FieldError(f"experts[{i}]", f"router.mode {self.router.mode} needs data: or prompts: "
                                       "on every expert")
+        for key, policy in (("shared_deltas", self.shared_deltas), ("embeddings", self.embeddings)):
+            if self.stem is not None and key in self.model_fields_set:
+                raise _FieldError(key, "applies with `stem: base` only; a stem merge takes each adapter expert's "
+                                  "merged weights as that model's")
+            if isinstance(policy, FromExpert) and policy.from_ not in seen:
+                raise _FieldError(f"{key}.from", f"{policy.from_!r} is not the name of an expert ({', '.join(seen)})")
         k = self.router.experts_per_token
         if k is not None and k > len(self.experts):
             raise _FieldError("router.experts_per_token", f"{k} is more than the {len(self.experts)} experts")
@@ -273,6 +328,8 @@ def parse_recipe(data: object, source: str) -> Recipe:
         msg = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling; `mergekit-mode schema` lists the keys)"
+        elif first["type"] == "path_type":
+            msg = f"expected a folder path, got {first['input']!r}"
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ModeError(f"{source}: {loc}: {msg}{more}") from None
 

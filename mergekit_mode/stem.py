@@ -23,7 +23,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 from mergekit import merge_methods
@@ -33,13 +33,10 @@ from mergekit.parameter_resolver import resolve_parameters
 from pydantic import TypeAdapter, ValidationError
 
 from mergekit_mode.errors import ModeError
+from mergekit_mode.ops import Params, StemMerge
 from mergekit_mode.recipe import RESERVED_NAME, StemSpec
 
-if TYPE_CHECKING:
-    from mergekit_mode.plan import StemMerge
-
 BASE_MODEL = RESERVED_NAME  # how `stem:` names the recipe's base model
-Params = tuple[tuple[str, Any], ...]
 
 _SETTING = TypeAdapter(ParameterSetting)
 
@@ -171,14 +168,14 @@ def resolve_stem(spec: Optional[StemSpec], experts: list[str]) -> Optional[Stem]
     return Stem(name, inputs, base, shared, per_model, spec.seed)
 
 
-def merge(op: "StemMerge", name: str, tensors: list[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+def merge(op: StemMerge, name: str, tensors: list[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     """One stem tensor by mergekit's own kernel, computed in float32 on the inputs' device.
 
     Randomized methods (DARE, DELLA) draw from a generator seeded by the recipe's stem.seed and the
     tensor's name, inside a forked RNG: the same recipe gives the same bytes whatever the order
     of work, and the process's global RNG is left as it was.
     """
-    ids = [s.model for s in op.sources]
+    ids = list(op.models)
     parameters: dict[str, Any] = dict(op.parameters)
     for model, values in zip(ids, op.input_parameters):
         for key, value in values:

@@ -9,17 +9,20 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from mergekit_mode.toy import DOMAINS, make_expert, make_model
+from mergekit_mode.toy.adapters import make_demo_adapters
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yml"))
 
 
 @pytest.fixture(scope="module")
 def demo_layout(tmp_path_factory, tokenizer_dir) -> Path:
-    """tmp/demo-out/{base,experts/<domain>} like `mergekit-mode demo` leaves, and tmp/recipes/."""
+    """tmp/demo-out/{base,experts/<domain>} like `mergekit-mode demo` leaves, the adapters
+    recipes/adapters.yml asks for, and tmp/recipes/."""
     root = tmp_path_factory.mktemp("layout")
     base = make_model(root / "demo-out" / "base", tokenizer_dir=tokenizer_dir, vocab_size=512)
     for i, d in enumerate(DOMAINS):
         make_expert(base, root / "demo-out" / "experts" / d, seed=i)
+    make_demo_adapters(root / "demo-out")
     shutil.copytree(RECIPES[0].parent, root / "recipes")
     return root
 

@@ -136,3 +136,22 @@ def test_float16_overflow_is_named(llama, tmp_path, run_cli):
     result = run_cli(recipe, tmp_path / "out", "-q")
     assert result.code == 2 and "model.layers.0.mlp.gate_proj.weight" in result.err and "overflows" in result.err
     assert not (tmp_path / "out").exists()
+
+
+def test_concurrent_build_of_the_same_output_is_refused(llama, tmp_path, run_cli):
+    import fcntl
+
+    from mergekit_mode.writer import staging_dir
+
+    recipe = write_recipe(tmp_path / "r.yml", llama.base, llama.experts)
+    stage = staging_dir(tmp_path / "out")
+    stage.mkdir()
+    (stage / "model.safetensors").write_bytes(b"partial")  # what the other run has written so far
+    fd = os.open(stage, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the other run holds its staging folder
+        result = run_cli(recipe, tmp_path / "out", "-q")
+        assert result.code == 2 and "another mergekit-mode run" in result.err
+        assert (stage / "model.safetensors").read_bytes() == b"partial"  # its work is untouched
+    finally:
+        os.close(fd)

@@ -18,7 +18,7 @@ from mergekit_mode.build import plan_recipe
 from mergekit_mode.layerwise import FolderWeights, LayerStream, MoeMlp, PlanWeights, make_batches
 from mergekit_mode.plan import BASE
 from mergekit_mode.toy import make_expert, make_model, write_corpus
-from tests.conftest import write_recipe
+from mergekit_mode.toy.adapters import make_adapter
 from tests.test_build import read_tensor
 
 
@@ -79,17 +79,28 @@ def test_layer_stream_equals_full_forward(tmp_path, tokenizer_dir, arch):
     assert_stream_matches(model, sequences, 3, per_layer)
 
 
-def test_layer_streamed_moe_equals_the_built_model(llama, tmp_path, run_cli):
+@pytest.mark.parametrize("kind", ["stem-merge", "adapters"])
+def test_layer_streamed_moe_equals_the_built_model(llama, tmp_path, run_cli, kind):
     """What objective `domain` runs (the output's own tensors computed on demand, Mixtral's sparse
-    block over the experts' MLPs) reproduces the written MoE in transformers: with a linear stem
-    over experts whose attention differs, and a top-2 router."""
+    block over the experts' MLPs) reproduces the written MoE in transformers, top-2: with a linear
+    stem over experts whose attention differs, and with LoRA adapter experts (merged MLPs, and the
+    mean of their attention changes in the stem)."""
     names = ["a", "b", "c"]
-    experts = [make_expert(llama.base, tmp_path / n, seed=10 + i, mlp_scale=0.5, attn_scale=0.5)
-               for i, n in enumerate(names)]
-    stem = {"merge_method": "linear", "models": [{"model": n, "parameters": {"weight": w}} for n, w in zip(names, (1, 2, 3))]}
-    recipe = write_recipe(tmp_path / "r.yml", llama.base, experts, names=names, stem=stem,
-                          router={"mode": "noisy", "experts_per_token": 2, "std": 0.5})
-    assert run_cli(recipe, tmp_path / "out", "-q").code == 0
+    if kind == "adapters":
+        experts = [{"adapter": str(make_adapter(llama.base, tmp_path / n, seed=10 + i, r=4, lora_alpha=8,
+                                                target_modules=["q_proj", "gate_proj", "down_proj"])), "name": n}
+                   for i, n in enumerate(names)]
+        extra = {}
+    else:
+        experts = [{"model": str(make_expert(llama.base, tmp_path / n, seed=10 + i, mlp_scale=0.5, attn_scale=0.5)),
+                    "name": n} for i, n in enumerate(names)]
+        extra = {"stem": {"merge_method": "linear",
+                          "models": [{"model": n, "parameters": {"weight": w}} for n, w in zip(names, (1, 2, 3))]}}
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"base_model": str(llama.base), "experts": experts, **extra,
+                                      "router": {"mode": "noisy", "experts_per_token": 2, "std": 0.5}}))
+    result = run_cli(recipe, tmp_path / "out", "-q")
+    assert result.code == 0, result.err
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     plan = plan_recipe(recipe)
     sequences = _sequences(1)

@@ -34,6 +34,25 @@ EXPERT_FROM_MLP = {"w1": "mlp.gate_proj.weight", "w2": "mlp.down_proj.weight", "
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def expected_shape(config: dict, name: str) -> tuple[int, ...]:
+    """The shape config.json implies for a dense input tensor: a header that disagrees means a
+    damaged or mislabelled file, caught before it becomes a model that fails to load."""
+    hidden, inter, vocab = int(config["hidden_size"]), int(config["intermediate_size"]), int(config["vocab_size"])
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    kv = int(config.get("num_key_value_heads") or heads) * head_dim
+    suffix = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
+    shapes = {
+        EMBED: (vocab, hidden), LM_HEAD: (vocab, hidden), FINAL_NORM: (hidden,),
+        "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (heads * head_dim, hidden), "self_attn.k_proj.weight": (kv, hidden),
+        "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, heads * head_dim),
+        "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
+        "mlp.down_proj.weight": (hidden, inter),
+    }
+    return shapes[suffix]
+
+
 def layer_prefix(layer: int) -> str:
     return f"model.layers.{layer}."
 

@@ -4,15 +4,21 @@ Everything here is built locally and deterministically from seeds: no model hub 
 """
 
 from .domains import DOMAINS, generate, write_corpus
-from .models import make_config, make_expert, make_model
+from .models import make_expert, make_model
+from .suite import DomainSuite, build_domain_suite
 from .tokenizer import train_tokenizer
+from .train import finetune, perplexity, pretrain
 
 __all__ = [
     "DOMAINS",
+    "DomainSuite",
+    "build_domain_suite",
+    "finetune",
     "generate",
-    "make_config",
     "make_expert",
     "make_model",
+    "perplexity",
+    "pretrain",
     "train_tokenizer",
     "write_corpus",
 ]

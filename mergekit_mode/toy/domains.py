@@ -72,25 +72,44 @@ def _dna(rng: random.Random) -> str:
 
 
 _DET = ("the", "a", "every", "some")
-_ADJ = ("old", "small", "quiet", "green", "bright", "tired")
-_NOUN = ("cat", "river", "farmer", "house", "bird", "garden", "road", "child")
-_VERB = ("sees", "follows", "finds", "leaves", "watches", "paints")
+_ADJ = ("old", "small", "quiet", "green", "bright", "tired", "brave", "cold")
+_NOUN = ("cat", "river", "farmer", "house", "bird", "garden", "road", "child", "boat", "king", "tree", "stone")
+_VERB = ("sees", "follows", "finds", "leaves", "watches", "paints", "carries", "hears")
 _PREP = ("near", "behind", "under", "beyond")
 
 
+def _associations(seed: str) -> dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]:
+    """Fixed per-noun adjectives, verbs and objects: facts a model must memorise.
+
+    Uniformly random word choices would leave nothing to learn beyond the grammar, and a
+    briefly pretrained base would already sit at the entropy floor; these associations give
+    the domain's expert (its MLPs in particular) something the base knows only in part.
+    """
+    rng = random.Random(seed)
+    return {
+        noun: (tuple(rng.sample(_ADJ, 2)), tuple(rng.sample(_VERB, 2)), tuple(rng.sample(_NOUN, 3)))
+        for noun in _NOUN
+    }
+
+
+_PROSE_FACTS = _associations("prose-facts")
+
+
 def _prose(rng: random.Random) -> str:
-    """Two or three sentences from a small English-like grammar."""
-    def noun_phrase() -> str:
+    """Two or three sentences from a small English-like grammar with fixed associations."""
+    def noun_phrase(noun: str) -> str:
         words = [rng.choice(_DET)]
         if rng.random() < 0.5:
-            words.append(rng.choice(_ADJ))
-        words.append(rng.choice(_NOUN))
-        return " ".join(words)
+            words.append(rng.choice(_PROSE_FACTS[noun][0]))
+        return " ".join(words + [noun])
 
     def sentence() -> str:
-        s = f"{noun_phrase()} {rng.choice(_VERB)} {noun_phrase()}"
+        subject = rng.choice(_NOUN)
+        _, verbs, objects = _PROSE_FACTS[subject]
+        obj = rng.choice(objects)
+        s = f"{noun_phrase(subject)} {rng.choice(verbs)} {noun_phrase(obj)}"
         if rng.random() < 0.4:
-            s += f" {rng.choice(_PREP)} {noun_phrase()}"
+            s += f" {rng.choice(_PREP)} {noun_phrase(rng.choice(_PROSE_FACTS[obj][2]))}"
         return s + " ."
 
     return " ".join(sentence() for _ in range(rng.randint(2, 3)))

@@ -14,62 +14,24 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PretrainedConfig
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from .tokenizer import BOS_ID, EOS_ID, copy_tokenizer, tokenizer_size
 
-ARCHS: dict[str, tuple[type[PretrainedConfig], type]] = {
+ARCHS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
 }
 
 MLP_PROJS: tuple[str, ...] = ("mlp.gate_proj.", "mlp.up_proj.", "mlp.down_proj.")
 ATTN_PROJS: tuple[str, ...] = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "self_attn.o_proj.")
-
-
-def make_config(
-    arch: str = "llama",
-    *,
-    hidden_size: int = 64,
-    intermediate_size: int = 128,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    vocab_size: int = 512,
-    tie_word_embeddings: bool = False,
-    rope_theta: float | None = None,
-    sliding_window: int | None = None,
-    init_std: float = 0.02,
-    max_position_embeddings: int = 2048,
-) -> PretrainedConfig:
-    """The transformers config :func:`make_model` uses (exposed for tests that need only a config)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHS)}")
-    if sliding_window is not None and arch != "mistral":
-        raise ValueError("sliding_window is a Mistral option; use arch='mistral'")
-    if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
-    kwargs: dict = dict(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads,
-        vocab_size=vocab_size,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
-        initializer_range=init_std,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=None,
-        hidden_act="silu",
-    )
-    if rope_theta is not None:
-        kwargs["rope_theta"] = rope_theta
-    if arch == "mistral":
-        kwargs["sliding_window"] = sliding_window
-    return ARCHS[arch][0](**kwargs)
 
 
 def make_model(
@@ -93,30 +55,44 @@ def make_model(
 ) -> Path:
     """Save a random-weight ``LlamaForCausalLM``/``MistralForCausalLM`` to ``out_dir``.
 
-    Weights are drawn in float32 from ``torch.manual_seed(seed)`` and then cast, so the
+    Weights are drawn in float32 from ``seed`` (Llama's normal init with ``init_std``) and then cast, so the
     same arguments give byte-identical files. ``max_shard_size`` (e.g. ``"100KB"``) forces a
     sharded checkpoint with ``model.safetensors.index.json``. With ``tokenizer_dir`` the
     tokenizer files are copied and ``vocab_size`` must cover the tokenizer (runtimes such as
     llama.cpp index the embedding by token id).
     """
     out_dir = Path(out_dir)
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHS)}")
     if tokenizer_dir is not None and tokenizer_size(tokenizer_dir) > vocab_size:
         raise ValueError(f"vocab_size {vocab_size} < tokenizer size {tokenizer_size(tokenizer_dir)}")
-    config = make_config(
-        arch,
+    if sliding_window is not None and arch != "mistral":
+        raise ValueError("sliding_window is a Mistral option; use arch='mistral'")
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
+    extra: dict[str, object] = {} if rope_theta is None else {"rope_theta": rope_theta}
+    if arch == "mistral":
+        extra["sliding_window"] = sliding_window
+    config = ARCHS[arch][0](
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
         vocab_size=vocab_size,
+        max_position_embeddings=2048,
         tie_word_embeddings=tie_word_embeddings,
-        rope_theta=rope_theta,
-        sliding_window=sliding_window,
-        init_std=init_std,
+        initializer_range=init_std,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=None,
+        hidden_act="silu",
+        **extra,
     )
-    torch.manual_seed(seed)
-    model = ARCHS[arch][1](config).to(dtype)
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = ARCHS[arch][1](config).to(dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size or "50GB")
     if tokenizer_dir is not None:

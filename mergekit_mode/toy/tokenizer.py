@@ -17,7 +17,14 @@ from pathlib import Path
 import sentencepiece as spm
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
-TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+# What copy_tokenizer carries over; train_tokenizer writes all but tokenizer.json, which a
+# tokenizer folder from elsewhere (a real model's) may hold.
+TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+)
 
 # Fixed special ids the rest of the project relies on (Llama's convention).
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -79,7 +86,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 512) 
 
 def copy_tokenizer(src_dir: Path, dst_dir: Path) -> None:
     """Copy the tokenizer files that exist in ``src_dir`` into ``dst_dir``."""
-    for name in TOKENIZER_FILES + ("tokenizer.json",):
+    for name in TOKENIZER_FILES:
         src = Path(src_dir) / name
         if src.is_file():
             (Path(dst_dir) / name).write_bytes(src.read_bytes())
