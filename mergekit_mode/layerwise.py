@@ -151,7 +151,7 @@ class LayerStream:
 
     def embed(self) -> list[torch.Tensor]:
         """Layer 0's input per batch: embedding rows of the ids (kept on the CPU between layers)."""
-        table = self.weights(mixtral.EMBED)
+        table = self.weights(mixtral.EMBED).cpu()
         return [table[b.ids] for b in self.batches]
 
     def decoder_layer(self, index: int, mlp: Optional[nn.Module] = None) -> nn.Module:

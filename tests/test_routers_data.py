@@ -241,3 +241,15 @@ def test_data_unused_by_the_router_mode_is_a_warning(llama, tmp_path, run_cli):
     result = run_cli("validate", _recipe(tmp_path / "r.yml", llama.base, experts, {"mode": "gateless"}))
     assert result.code == 0
     assert "not used by router.mode gateless" in result.err
+
+
+@pytest.mark.parametrize("objective", ["domain", "lm"])
+def test_trained_routers_are_deterministic(llama, tmp_path, run_cli, objective):
+    """The same recipe and seed give the same bytes, as for every other router mode."""
+    files = _domain_files(tmp_path, ["code", "prose"], 800, seed=1)
+    experts = [{"model": str(m), "data": str(f)} for m, f in zip(llama.experts, files)]
+    router = {"mode": "trained", "seed": 5, "train": {"objective": objective, "steps": 5, "batch_size": 2}}
+    recipe = _recipe(tmp_path / "r.yml", llama.base, experts, router)
+    for out in ("one", "two"):
+        assert run_cli(recipe, tmp_path / out, "-q").code == 0
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
