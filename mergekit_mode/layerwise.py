@@ -157,21 +157,30 @@ class LayerStream:
     def decoder_layer(self, index: int, mlp: Optional[nn.Module] = None) -> nn.Module:
         """Decoder layer `index`; with `mlp`, its dense MLP replaced by that module (whose weights
         the caller has loaded), else the dense MLP read from the weights too."""
-        layer = _class(self.model_type, "DecoderLayer")(self.config, index)
+        layer = self._empty("DecoderLayer", index)
         if mlp is not None:
-            layer.mlp = mlp
+            layer.mlp = mlp.to(self.device)
         prefix = mixtral.layer_prefix(index)
         names = {n: prefix + n for n, _ in layer.named_parameters() if mlp is None or not n.startswith("mlp.")}
         load_params(layer, self.weights, names)
-        return layer.to(self.device).eval()
+        return layer.eval()
 
     def expert_mlp(self, index: int, expert: int) -> nn.Module:
         """Expert `expert`'s MLP in layer `index` of the output (w1/w3/w2 -> gate/up/down_proj)."""
-        mlp = _class(self.model_type, "MLP")(self.config)
+        mlp = self._empty("MLP")
         names = {dense.removeprefix("mlp."): mixtral.expert_tensor(index, expert, proj)
                  for proj, dense in mixtral.EXPERT_FROM_MLP.items()}
         load_params(mlp, self.weights, names)
         return mlp
+
+    def _empty(self, suffix: str, *args: int) -> nn.Module:
+        """A transformers module with uninitialised parameters on the device: every one is loaded
+        next, and a random init of a large layer costs seconds on a CPU."""
+        with torch.device("meta"):
+            module = _class(self.model_type, suffix)(self.config, *args)
+        # buffers would stay uninitialised: none exist in these modules (rotary is model-level)
+        assert not list(module.buffers()), f"{suffix} has buffers"
+        return module.to_empty(device=self.device)
 
     @torch.no_grad()
     def run(self, layer: nn.Module, hidden: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
