@@ -121,12 +121,21 @@ class TrainSpec(_Strict):
         "(cross-entropy on that layer's router inputs, layer by layer; cheap). lm: next-token loss of the whole MoE "
         "plus Mixtral's load-balancing loss (holds the whole MoE in memory: small models or a GPU).",
     )
-    init: Literal["hidden", "zeros"] = Field("hidden", description="Start from the hidden-mode routers or from zeros.")
+    init: Literal["hidden", "zeros", "domain"] = Field(
+        "hidden", description="Start from the hidden-mode routers, from zeros, or (objective lm) from routers first "
+        "trained with objective domain from the hidden ones (a domain-classifier init).",
+    )
     steps: int = Field(300, ge=1, description="Optimizer steps (per layer for objective domain).")
     lr: float = Field(3e-3, gt=0, description="Adam learning rate.")
     batch_size: int = Field(8, ge=1, description="Sequences of seq_len tokens per step.")
     held_out: float = Field(0.1, ge=0, lt=1, description="Share of each expert's documents kept out of training "
                             "and used to report routing accuracy per layer.")
+
+    @model_validator(mode="after")
+    def _domain_init_for_lm(self) -> "TrainSpec":
+        if self.init == "domain" and self.objective != "lm":
+            raise ValueError("init domain applies to objective lm (objective domain starts from hidden or zeros)")
+        return self
 
 
 class RouterSpec(_Strict):

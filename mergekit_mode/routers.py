@@ -124,7 +124,9 @@ def trained(plan: Plan, ctx: RouterContext) -> list[torch.Tensor]:
     spec = plan.recipe.recipe.router
     train = spec.training
     texts = calibration(plan, train.held_out)
-    init = hidden_rows(plan, texts, spec.pooling or "last", ctx) if train.init == "hidden" else gateless(plan, ctx)
+    init = gateless(plan, ctx) if train.init == "zeros" else hidden_rows(plan, texts, spec.pooling or "last", ctx)
+    if train.init == "domain":
+        init = router_training.train_domain(plan, texts, init, ctx)
     objective = router_training.train_domain if train.objective == "domain" else router_training.train_lm
     return objective(plan, texts, init, ctx)
 

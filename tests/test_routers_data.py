@@ -253,3 +253,11 @@ def test_trained_routers_are_deterministic(llama, tmp_path, run_cli, objective):
     for out in ("one", "two"):
         assert run_cli(recipe, tmp_path / out, "-q").code == 0
     assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
+
+
+def test_domain_init_is_for_the_lm_objective(llama, tmp_path, run_cli):
+    experts = [{"model": str(m), "prompts": ["1 + 1 = 2"]} for m in llama.experts[:2]]
+    router = {"mode": "trained", "train": {"objective": "domain", "init": "domain"}}
+    result = run_cli("validate", _recipe(tmp_path / "r.yml", llama.base, experts, router))
+    assert result.code == 2
+    assert "router.train: init domain applies to objective lm" in result.err
