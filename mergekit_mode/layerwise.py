@@ -9,7 +9,8 @@ before the next: peak memory is about one layer plus the activations of the cali
 The layer is transformers' own `LlamaDecoderLayer`/`MistralDecoderLayer`, so the numbers are the
 full model's. Weights come from a `Weights` source: `FolderWeights` reads a model folder (the
 base, for `hidden`), `PlanWeights` computes the output's own tensors as the executor does (the
-stem as `stem:` makes it, and each expert's MLP), so the merged MoE runs exactly as it will load. The router input of Mixtral is the MLP input, i.e. the output of the layer's
+stem as `stem:` makes it, and each expert's MLP), so the merged MoE runs exactly as it will load.
+The router input of Mixtral is the MLP input, i.e. the output of the layer's
 `post_attention_layernorm`, not the layer's input that mergekit uses: it is captured with a
 forward hook on that norm. `MoeMlp` replaces the dense MLP with Mixtral's sparse block over the
 experts' MLPs, so the same loop runs the merged MoE layer by layer.
@@ -197,7 +198,8 @@ class LayerStream:
                 positions = self._positions(batch)
                 mask = self._mask_fn(config=self.config, inputs_embeds=x, attention_mask=None, cache=None,
                                      position_ids=positions)
-                out.append(layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rope).float().cpu())
+                y = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+                out.append(y.float().cpu())
         finally:
             hook.remove()
         return out, captured

@@ -52,11 +52,16 @@ class ExpertData(_Strict):
         None, description="Text of the expert's domain: plain text (one document per line) or .jsonl with a "
         "'text' field per record. Read lazily from the start, up to max_tokens tokens.",
     )
-    prompts: Optional[list[str]] = Field(None, min_length=1, description="Example texts of the domain (each one document).")
-    negative_prompts: Optional[list[str]] = Field(
-        None, min_length=1, description="hidden: texts this expert should not get; their mean is subtracted from its row.",
+    prompts: Optional[list[str]] = Field(
+        None, min_length=1, description="Example texts of the domain (each one document).",
     )
-    max_tokens: Optional[int] = Field(None, ge=1, description="Most tokens taken from prompts and data; default: router.max_tokens.")
+    negative_prompts: Optional[list[str]] = Field(
+        None, min_length=1,
+        description="hidden: texts this expert should not get; their mean is subtracted from its row.",
+    )
+    max_tokens: Optional[int] = Field(
+        None, ge=1, description="Most tokens taken from prompts and data; default: router.max_tokens.",
+    )
 
     @property
     def has_data(self) -> bool:
@@ -158,9 +163,12 @@ class RouterSpec(_Strict):
         "their mean (mergekit's hidden_avg); default last. trained with init hidden: the init's pooling.",
     )
     max_tokens: int = Field(
-        20_000, ge=1, description="hidden/trained: most tokens taken from each expert's prompts and data (per-expert max_tokens overrides).",
+        20_000, ge=1, description="hidden/trained: most tokens taken from each expert's prompts and data "
+        "(per-expert max_tokens overrides).",
     )
-    seq_len: int = Field(128, ge=2, description="hidden/trained: documents longer than this are cut into pieces of this many tokens.")
+    seq_len: int = Field(
+        128, ge=2, description="hidden/trained: documents longer than this are cut into pieces of this many tokens.",
+    )
     train: Optional[TrainSpec] = Field(None, description="trained: how the routers are trained (defaults if omitted).")
 
     @model_validator(mode="after")

@@ -67,7 +67,9 @@ def _progress(total: int, desc: str, quiet: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="step", disable=quiet, leave=False)
 
 
-def train_domain(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx: RouterContext) -> list[torch.Tensor]:
+def train_domain(
+    plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx: RouterContext
+) -> list[torch.Tensor]:
     """Per layer, in order: capture the MoE's router inputs, fit the router with cross-entropy to
     the token's domain, then run the layer with the fitted router to feed the next one. Each
     layer runs twice (its outputs depend on the router being fitted), a small price next to
@@ -184,7 +186,8 @@ def _report_lm_accuracy(model, texts: list[ExpertTexts], batch_size: int, top_k:
 def _write_moe(plan: Plan, routers: list[torch.Tensor], folder: Path, device: torch.device) -> None:
     """The plan's model with these routers, float32, in `folder` (weights and config only)."""
     entries = [Entry(t.name, t.shape, torch.float32) for t in plan.tensors]
-    float_plan = replace(plan, dtype=torch.float32, tensors=tuple(replace(t, dtype=torch.float32) for t in plan.tensors))
+    tensors = tuple(replace(t, dtype=torch.float32) for t in plan.tensors)
+    float_plan = replace(plan, dtype=torch.float32, tensors=tensors)
     writer = ShardedWriter(folder, entries, plan.recipe.recipe.output.shard_size)
     try:
         execute(float_plan, routers, writer, device, lambda _item: None)

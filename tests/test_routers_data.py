@@ -140,7 +140,8 @@ def test_hidden_rows_equal_full_model_computation(llama, tmp_path, run_cli, pool
     output) of the base, minus the negatives' mean, L2-normalised; computed here with the whole model."""
     arith, dna = _domain_files(tmp_path, ["arithmetic", "dna"], 600, seed=2)
     code_jsonl = tmp_path / "code.jsonl"
-    code_jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["x = 1; y = x + 2", "for i in range(3): x += i"]))
+    code = ["x = 1; y = x + 2", "for i in range(3): x += i"]
+    code_jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in code))
     experts = [
         {"model": str(llama.experts[0]), "data": str(arith)},
         {"model": str(llama.experts[1]), "data": str(code_jsonl), "prompts": ["def f(a): return a"]},
@@ -252,7 +253,8 @@ def test_trained_routers_are_deterministic(llama, tmp_path, run_cli, objective):
     recipe = _recipe(tmp_path / "r.yml", llama.base, experts, router)
     for out in ("one", "two"):
         assert run_cli(recipe, tmp_path / out, "-q").code == 0
-    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "two" / "model.safetensors").read_bytes()
+    one, two = ((tmp_path / out / "model.safetensors").read_bytes() for out in ("one", "two"))
+    assert one == two
 
 
 def test_domain_init_is_for_the_lm_objective(llama, tmp_path, run_cli):
