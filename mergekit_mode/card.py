@@ -15,6 +15,11 @@ ROUTER_TEXT = {
     "gateless": "gate-less: every expert runs on every token with equal weight 1/E (router weights are zero)",
     "noisy": "noisy: Gaussian router weights, top-k experts per token",
     "random": "random: standard-normal router weights (mergekit-moe's `random`), top-k experts per token",
+    "hidden": "hidden: each row is the base's pooled router input (post_attention_layernorm output) on that "
+              "expert's data, L2-normalised (mergekit's hidden / hidden_avg at the real router input), "
+              "top-k experts per token",
+    "trained": "trained: router weights trained on the experts' data with everything else frozen (see router.train "
+               "in the recipe), top-k experts per token",
 }
 
 

@@ -22,6 +22,8 @@ MAIN_HELP = """Build a Mixture-of-Domain-Experts model in the canonical Mixtral 
     mergekit-mode validate RECIPE...  check recipes and their inputs (no weights read)
     mergekit-mode schema              print the recipe's JSON Schema
     mergekit-mode demo [OUT/]         train tiny experts here and build a MoE of them
+    mergekit-mode eval MODEL --data NAME=FILE ...    perplexity and routing per domain
+    mergekit-mode report MODEL --data NAME=FILE ... --plot routing.png
 
 The base model gives attention, embeddings, norms and tokenizer; each expert (a fine-tune of
 the base, or a peft LoRA adapter of it) brings its MLP; a router picks experts per token. The
@@ -108,6 +110,76 @@ def schema() -> None:
     from mergekit_mode.recipe import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))
+
+
+def _eval_options(command):
+    """The options eval and report share (what text, how it is cut, where the model runs)."""
+    options = [
+        click.argument("model", type=click.Path(path_type=Path)),
+        click.option("--data", "data", multiple=True, required=True, metavar="NAME=FILE",
+                     help="A domain's text: plain text (one document per line) or .jsonl with 'text'. Repeatable."),
+        click.option("--ctx", default=128, show_default=True, help="Window length in tokens (non-overlapping windows)."),
+        click.option("--max-tokens", default=50_000, show_default=True, help="Tokens read from the start of each file."),
+        click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _run_eval(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str):
+    from mergekit_mode.build import parse_device
+    from mergekit_mode.evaluate import evaluate, parse_data
+
+    return evaluate(model, parse_data(data), ctx=ctx, batch_size=batch_size, max_tokens=max_tokens,
+                    device=parse_device(device))
+
+
+def _names(model: Path, results) -> list[str]:
+    """Expert labels for tables and plots: the recipe's names when MODEL was built by us."""
+    from mergekit_mode.evaluate import expert_names
+
+    routed = [r.routing for r in results.values() if r.routing is not None]
+    return expert_names(model, len(routed[0][0])) if routed else []
+
+
+@cli.command("eval")
+@_eval_options
+@click.option("--json", "as_json", is_flag=True, help='Print {"domains": {NAME: {perplexity, tokens, routing}}}.')
+def eval_command(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str,
+                 as_json: bool) -> None:
+    """Perplexity per domain of MODEL (any causal LM folder) and, for MoE models, the share of
+    tokens each expert receives per layer.
+
+    Perplexity is token-weighted over non-overlapping windows of --ctx tokens of each domain's
+    text (the first token of each window is context only). Routing is the share of the tokens
+    that have each expert among their top-k; each layer's shares sum to k.
+    """
+    from mergekit_mode.evaluate import format_table, to_json
+
+    results = _run_eval(model, data, ctx, max_tokens, batch_size, device)
+    click.echo(json.dumps(to_json(results)) if as_json else format_table(results, _names(model, results)))
+
+
+@cli.command()
+@_eval_options
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a routing heatmap per domain (PNG/PDF/SVG).")
+def report(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str,
+           plot: Path | None) -> None:
+    """The eval table of MODEL and, with --plot, a heatmap per domain of the expert shares per
+    layer (needs matplotlib: pip install 'mergekit-mode[report]')."""
+    from mergekit_mode.evaluate import format_table
+    from mergekit_mode.report import plot_routing, pyplot
+
+    if plot is not None:
+        pyplot()
+    results = _run_eval(model, data, ctx, max_tokens, batch_size, device)
+    names = _names(model, results)
+    click.echo(format_table(results, names))
+    if plot is not None:
+        plot_routing(results, names, plot)
+        click.echo(f"wrote {plot}", err=True)
 
 
 @cli.command()

@@ -87,6 +87,12 @@ def compute(item: OutputTensor, inputs: _Inputs, routers: list[torch.Tensor]) ->
     return tensor
 
 
+def compute_alone(item: OutputTensor, plan: Plan, reader: TensorReader, device: torch.device) -> torch.Tensor:
+    """One output tensor outside the write pass, exactly as the write pass makes it (router
+    training runs the output's own layers from these)."""
+    return compute(item, _Inputs(plan, reader, device), [])
+
+
 def execute(
     plan: Plan, routers: list[torch.Tensor], writer: ShardedWriter, device: torch.device, progress: Progress
 ) -> None:

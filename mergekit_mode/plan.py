@@ -22,7 +22,7 @@ from mergekit_mode.experts import (Expert, Input, adapter_warnings, check_tied_l
 from mergekit_mode.formats import mixtral
 from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder, TensorInfo
 from mergekit_mode.ops import BASE, Op, RouterWeights
-from mergekit_mode.recipe import LoadedRecipe
+from mergekit_mode.recipe import DATA_MODES, LoadedRecipe
 from mergekit_mode.stem import Stem, resolve_stem
 
 @dataclass(frozen=True)
@@ -103,6 +103,7 @@ def open_inputs(loaded: LoadedRecipe) -> tuple[dict[str, Input], dict[str, str]]
         if spec.adapter is not None:
             fields[name] = f"experts[{i}].adapter"
             inputs[name] = AdapterFolder.open(loaded.resolve(spec.adapter), fields[name])
+    _check_data_files(loaded)
     return inputs, fields
 
 
@@ -114,6 +115,16 @@ def _open_model(path: Path, field: str, base: ModelFolder) -> ModelFolder:
         if expert.config.get(key) != base.config.get(key):
             raise ModeError(f"{field}: {key} is {expert.config.get(key)}, the base's is {base.config.get(key)}")
     return expert
+
+
+def _check_data_files(loaded: LoadedRecipe) -> None:
+    """Router data files must exist before a run starts (`validate` reports them, not a late failure)."""
+    if loaded.recipe.router.mode not in DATA_MODES:
+        return
+    for i, spec in enumerate(loaded.recipe.experts):
+        if spec.data is not None and not loaded.resolve(spec.data).is_file():
+            raise ModeError(f"experts[{i}].data: {loaded.resolve(spec.data)} does not exist")
+
 
 
 def _tensor(folder: ModelFolder, name: str, field: str, shape: tuple[int, ...] | None = None):
@@ -143,6 +154,9 @@ def _warnings(
     n = len(experts)
     if recipe.router.mode == "gateless" and k is not None and k != n:
         yield f"router.experts_per_token: {k} is ignored by gateless, which uses all {n} experts"
+    if recipe.router.mode not in DATA_MODES and any(e.has_data for e in recipe.experts):
+        yield (f"experts' data/prompts are not used by router.mode {recipe.router.mode} "
+               f"(only by {' and '.join(DATA_MODES)})")
     yield from adapter_warnings(inputs, experts, fields, recipe, stem.inputs if stem else None)
 
 

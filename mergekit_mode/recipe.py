@@ -45,7 +45,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ExpertSpec(_Strict):
+class ExpertData(_Strict):
+    """Text of an expert's domain, read by the routers made from data (router.mode hidden or trained)."""
+
+    data: Optional[Path] = Field(
+        None, description="Text of the expert's domain: plain text (one document per line) or .jsonl with a "
+        "'text' field per record. Read lazily from the start, up to max_tokens tokens.",
+    )
+    prompts: Optional[list[str]] = Field(
+        None, min_length=1, description="Example texts of the domain (each one document).",
+    )
+    negative_prompts: Optional[list[str]] = Field(
+        None, min_length=1,
+        description="hidden: texts this expert should not get; their mean is subtracted from its row.",
+    )
+    max_tokens: Optional[int] = Field(
+        None, ge=1, description="Most tokens taken from prompts and data; default: router.max_tokens.",
+    )
+
+    @property
+    def has_data(self) -> bool:
+        return self.data is not None or self.prompts is not None
+
+
+class ExpertSpec(ExpertData):
     """One expert: a full fine-tune of the base, a LoRA adapter of it, or an adapter of a fine-tune."""
 
     name: Optional[str] = Field(
@@ -92,25 +115,75 @@ SharedDeltas = Annotated[Union[Literal["average", "drop"], FromExpert], _policy(
 Embeddings = Annotated[Union[Literal["base"], FromExpert], _policy(("base",))]
 
 
+DATA_MODES = ("hidden", "trained")
+
+
+class TrainSpec(_Strict):
+    """router.train: training only the router weights on the experts' data (everything else frozen)."""
+
+    objective: Literal["domain", "lm"] = Field(
+        "domain", description="domain: each layer's router learns to pick the expert whose data a token came from "
+        "(cross-entropy on that layer's router inputs, layer by layer; cheap). lm: next-token loss of the whole MoE "
+        "plus Mixtral's load-balancing loss (holds the whole MoE in memory: small models or a GPU).",
+    )
+    init: Literal["hidden", "zeros", "domain"] = Field(
+        "hidden", description="Start from the hidden-mode routers, from zeros, or (objective lm) from routers first "
+        "trained with objective domain from the hidden ones (a domain-classifier init).",
+    )
+    steps: int = Field(300, ge=1, description="Optimizer steps (per layer for objective domain).")
+    lr: float = Field(3e-3, gt=0, description="Adam learning rate.")
+    batch_size: int = Field(8, ge=1, description="Sequences of seq_len tokens per step.")
+    held_out: float = Field(0.1, ge=0, lt=1, description="Share of each expert's documents kept out of training "
+                            "and used to report routing accuracy per layer.")
+
+    @model_validator(mode="after")
+    def _domain_init_for_lm(self) -> "TrainSpec":
+        if self.init == "domain" and self.objective != "lm":
+            raise ValueError("init domain applies to objective lm (objective domain starts from hidden or zeros)")
+        return self
+
+
 class RouterSpec(_Strict):
     """How each layer's router (block_sparse_moe.gate) is made."""
 
-    mode: Literal["gateless", "noisy", "random"] = Field(
+    mode: Literal["gateless", "noisy", "random", "hidden", "trained"] = Field(
         "gateless",
         description="gateless: zero router, every expert on every token with weight 1/E. "
-        "noisy: normal(0, std) router with top-k. random: standard normal router (mergekit's 'random').",
+        "noisy: normal(0, std) router with top-k. random: standard normal router (mergekit's 'random'). "
+        "hidden: rows are the base's pooled router inputs on each expert's data (mergekit's hidden / hidden_avg, "
+        "taken at the real router input). trained: rows trained on the experts' data (router.train).",
     )
     experts_per_token: Optional[int] = Field(
         None, ge=1, description="top-k for noisy/random (default 2); gateless always uses all experts."
     )
     std: Optional[float] = Field(None, gt=0, description="noisy: standard deviation; default: the base's initializer_range.")
     seed: int = Field(0, description="Seed of the random routers; same recipe and seed give identical files.")
+    pooling: Optional[Literal["last", "mean"]] = Field(
+        None, description="hidden: pool each document's router inputs by its last token (mergekit's hidden) or "
+        "their mean (mergekit's hidden_avg); default last. trained with init hidden: the init's pooling.",
+    )
+    max_tokens: int = Field(
+        20_000, ge=1, description="hidden/trained: most tokens taken from each expert's prompts and data "
+        "(per-expert max_tokens overrides).",
+    )
+    seq_len: int = Field(
+        128, ge=2, description="hidden/trained: documents longer than this are cut into pieces of this many tokens.",
+    )
+    train: Optional[TrainSpec] = Field(None, description="trained: how the routers are trained (defaults if omitted).")
 
     @model_validator(mode="after")
     def _std_only_for_noisy(self) -> "RouterSpec":
         if self.std is not None and self.mode != "noisy":
             raise ValueError(f"std applies to mode 'noisy' only, not {self.mode!r}")
+        if self.pooling is not None and self.mode not in DATA_MODES:
+            raise ValueError(f"pooling applies to modes {', '.join(DATA_MODES)}, not {self.mode!r}")
+        if self.train is not None and self.mode != "trained":
+            raise ValueError(f"train applies to mode 'trained' only, not {self.mode!r}")
         return self
+
+    @property
+    def training(self) -> TrainSpec:
+        return self.train or TrainSpec()
 
 
 def _stem_model(value: object) -> object:
@@ -199,6 +272,11 @@ class Recipe(_Strict):
                 raise _FieldError(f"experts[{i}].name", f"{name!r} is already the name of experts[{seen[name]}]; "
                                   "names must be unique (set name:)")
             seen[name] = i
+        if self.router.mode in DATA_MODES:
+            for i, expert in enumerate(self.experts):
+                if not expert.has_data:
+                    raise _FieldError(f"experts[{i}]", f"router.mode {self.router.mode} needs data: or prompts: "
+                                      "on every expert")
         for key, policy in (("shared_deltas", self.shared_deltas), ("embeddings", self.embeddings)):
             if self.stem is not None and key in self.model_fields_set:
                 raise _FieldError(key, "applies with `stem: base` only; a stem merge takes each adapter expert's "

@@ -1,0 +1,141 @@
+"""Per-domain perplexity and expert routing of any causal LM folder (`mergekit-mode eval`).
+
+Perplexity is token-weighted: each domain's documents (read as for router data: plain text one
+document per line, or .jsonl `text`, tokenized with BOS, first `max_tokens` tokens) are joined
+into one token stream and cut into non-overlapping windows of `ctx` tokens; every token after the
+first of its window is scored, and perplexity is exp(total loss / scored tokens). Fixed windows
+make numbers comparable between models that share a tokenizer (the base, the experts, the MoE).
+
+For Mixture-of-Experts models (config has `num_local_experts`) routing is, per layer and expert,
+the share of the input tokens that have the expert among their top-k choices (from the router
+logits): 1.0 means the expert runs on every token. Each layer sums to k; k/E per expert is what
+a balanced router gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from mergekit_mode.build import RECIPE_FILE
+from mergekit_mode.calibration import iter_documents, load_tokenizer, tokenize_documents
+from mergekit_mode.errors import ModeError
+from mergekit_mode.layerwise import Batch, make_batches
+
+
+@dataclass(frozen=True)
+class DomainResult:
+    perplexity: float
+    tokens: int  # scored tokens
+    routing: Optional[list[list[float]]]  # [layer][expert] share of tokens; None for dense models
+
+
+def parse_data(values: tuple[str, ...]) -> dict[str, Path]:
+    """`NAME=FILE` options -> {NAME: FILE}, in the given order."""
+    data: dict[str, Path] = {}
+    for value in values:
+        name, sep, file = value.partition("=")
+        if not sep or not name or not file:
+            raise ModeError(f"--data: {value!r} is not NAME=FILE")
+        if name in data:
+            raise ModeError(f"--data: domain {name!r} given twice")
+        data[name] = Path(file)
+    return data
+
+
+def windows(ids: list[int], ctx: int) -> list[list[int]]:
+    """Non-overlapping windows of `ctx` tokens; a last window shorter than 2 tokens scores nothing."""
+    return [ids[i:i + ctx] for i in range(0, len(ids), ctx) if len(ids[i:i + ctx]) >= 2]
+
+
+def load_model(path: Path, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    if not (path / "config.json").is_file():
+        raise ModeError(f"MODEL: {path} is not a model folder (no config.json)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ModeError(f"MODEL: cannot load {path} ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def expert_names(path: Path, num_experts: int) -> list[str]:
+    """The experts' names from the recipe that build copied into the model folder, else 0..E-1."""
+    from mergekit_mode.recipe import parse_recipe
+
+    try:
+        names = parse_recipe(yaml.safe_load((path / RECIPE_FILE).read_text()), RECIPE_FILE).expert_names
+    except (OSError, yaml.YAMLError, ModeError):
+        names = []
+    return names if len(names) == num_experts else [str(e) for e in range(num_experts)]
+
+
+@torch.no_grad()
+def evaluate_domain(model, ids: list[int], ctx: int, batch_size: int, device: torch.device) -> DomainResult:
+    cfg = model.config
+    num_experts = getattr(cfg, "num_local_experts", None)
+    counts = torch.zeros(cfg.num_hidden_layers, num_experts) if num_experts else None
+    loss_sum, scored, routed_tokens = 0.0, 0, 0
+    for batch in make_batches(windows(ids, ctx), batch_size):
+        kwargs = {"output_router_logits": True} if counts is not None else {}
+        out = model(input_ids=batch.ids.to(device), **kwargs)
+        targets = batch.ids.masked_fill(~_real_mask(batch), -100)[:, 1:].to(device)
+        loss_sum += F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                    ignore_index=-100, reduction="sum").item()
+        scored += int((targets != -100).sum())
+        if counts is not None:
+            routed_tokens += int(batch.lengths.sum())
+            _count_choices(counts, out.router_logits, batch, int(cfg.num_experts_per_tok))
+    if scored == 0:
+        raise ModeError("--data: fewer than 2 tokens of text")
+    routing = (counts / routed_tokens).tolist() if counts is not None else None
+    return DomainResult(float(torch.tensor(loss_sum / scored).exp()), scored, routing)
+
+
+def _real_mask(batch: Batch) -> torch.Tensor:
+    return torch.arange(batch.ids.shape[1])[None, :] < batch.lengths[:, None]
+
+
+def _count_choices(counts: torch.Tensor, router_logits, batch: Batch, k: int) -> None:
+    for layer, logits in enumerate(router_logits):
+        real = batch.real(logits.float().cpu().reshape(*batch.ids.shape, -1))
+        counts[layer] += torch.bincount(real.topk(k, dim=-1).indices.flatten(), minlength=counts.shape[1])
+
+
+def evaluate(model_dir: Path, data: dict[str, Path], *, ctx: int = 128, batch_size: int = 8,
+             max_tokens: int = 50_000, device: torch.device = torch.device("cpu")) -> dict[str, DomainResult]:
+    """Every domain's result, in the order given."""
+    if ctx < 2:
+        raise ModeError(f"--ctx: {ctx} is too short (at least 2 tokens)")
+    tokenizer = load_tokenizer(model_dir, "MODEL")
+    streams = {}
+    for name, path in data.items():
+        pieces = tokenize_documents(iter_documents(path, f"--data {name}"), tokenizer, max_tokens, max_tokens)
+        streams[name] = [t for piece in pieces for t in piece]
+    model = load_model(model_dir, device)
+    return {name: evaluate_domain(model, ids, ctx, batch_size, device) for name, ids in streams.items()}
+
+
+def to_json(results: dict[str, DomainResult]) -> dict:
+    return {"domains": {name: asdict(r) for name, r in results.items()}}
+
+
+def format_table(results: dict[str, DomainResult], names: list[str]) -> str:
+    """Perplexity per domain, then each domain's routing shares (layer x expert) for MoE models."""
+    width = max(len(n) for n in [*results, "domain"])
+    lines = [f"{'domain':<{width}}  {'tokens':>8}  {'perplexity':>10}"]
+    lines += [f"{n:<{width}}  {r.tokens:>8}  {r.perplexity:>10.3f}" for n, r in results.items()]
+    for domain, r in results.items():
+        if r.routing is None:
+            continue
+        col = max(6, *(len(n) for n in names))
+        lines += ["", f"routing of {domain} (share of its tokens that each expert gets, top-k)",
+                  "layer  " + "  ".join(f"{n:>{col}}" for n in names)]
+        lines += [f"{layer:>5}  " + "  ".join(f"{s:>{col}.3f}" for s in row) for layer, row in enumerate(r.routing)]
+    return "\n".join(lines)
