@@ -2,9 +2,11 @@
 
 No model hub is reachable from many machines (and CI), so the demo makes everything itself: four
 synthetic text domains, a sentencepiece tokenizer, a tiny Llama base pretrained on the mix, one
-expert per domain fine-tuned from it (toy.build_domain_suite), then a recipe and the MoE built
-through the same code path as `mergekit-mode recipe.yml out/`. It ends with a per-domain
-perplexity table, so a first run shows what the tool is for: one model for every domain.
+expert per domain fine-tuned from it (toy.build_domain_suite; MLP-only, so the shared stem is the
+one the experts were trained with), then two recipes and their MoEs, built through the same code
+path as `mergekit-mode recipe.yml out/`: gate-less, and a top-2 router trained on each expert's
+training text. It ends with `eval`'s per-domain perplexity of every model, so a first run shows
+what the tool is for: one model that serves every domain about as well as its expert.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ import yaml
 
 from mergekit_mode.build import plan_recipe, write_model
 from mergekit_mode.errors import ModeError
-from mergekit_mode.toy import build_domain_suite, perplexity
+from mergekit_mode.evaluate import evaluate
+from mergekit_mode.toy import build_domain_suite
+from mergekit_mode.toy.train import torch_threads
+
+ROUTERS = {
+    "gateless": {"mode": "gateless"},
+    "trained": {"mode": "trained", "experts_per_token": 2, "train": {"objective": "domain", "steps": 200}},
+}
 
 
 def demo(out: Path, *, pretrain_steps: int, finetune_steps: int, force: bool) -> None:
@@ -28,22 +37,26 @@ def demo(out: Path, *, pretrain_steps: int, finetune_steps: int, force: bool) ->
     click.echo(f"training a tokenizer, a tiny Llama base and one expert per domain in {out} ...")
     # One thread: steady ~90 ms a step; two threads on a busy 2-core machine spin at 1-2 s a step.
     suite = build_domain_suite(out, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, num_threads=1)
-    recipe_file = out / "recipe.yml"
-    recipe = {
-        "base_model": "./base",
-        "experts": [{"name": d, "model": f"./experts/{d}"} for d in suite.experts],
-        "router": {"mode": "gateless"},
-    }
-    recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    click.echo(f"building the MoE: mergekit-mode {recipe_file} {out / 'moe'}")
-    write_model(plan_recipe(recipe_file), out / "moe", quiet=True)
+    models = {"base": suite.base_dir, **{f"{d} expert": p for d, p in suite.experts.items()}}
+    for name, router in ROUTERS.items():
+        recipe = {
+            "base_model": "./base",
+            "experts": [{"name": d, "model": f"./experts/{d}", "data": f"./data/train/{d}.txt"}
+                        for d in suite.experts],
+            "router": router,
+        }
+        recipe_file = out / f"recipe-{name}.yml"
+        recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        click.echo(f"mergekit-mode {recipe_file} {out / f'moe-{name}'}")
+        with torch_threads(1):
+            write_model(plan_recipe(recipe_file), out / f"moe-{name}", quiet=True)
+        models[f"MoE {name}"] = out / f"moe-{name}"
 
     domains = list(suite.experts)
-    models = {"base": suite.base_dir, **{f"{d} expert": p for d, p in suite.experts.items()},
-              "MoE (gate-less)": out / "moe"}
-    click.echo("\nperplexity on held-out text of each domain (lower is better)\n")
+    click.echo("\nperplexity on held-out text of each domain (lower is better; mergekit-mode eval)\n")
     click.echo(f"{'model':<20}" + "".join(f"{d:>12}" for d in domains))
-    for name, folder in models.items():
-        row = [perplexity(folder, suite.eval_texts[d].read_text()) for d in domains]
-        click.echo(f"{name:<20}" + "".join(f"{p:>12.2f}" for p in row))
-    click.echo(f"\nthe MoE is in {out / 'moe'}; load it with AutoModelForCausalLM.from_pretrained")
+    with torch_threads(1):
+        for name, folder in models.items():
+            results = evaluate(folder, dict(suite.eval_texts), max_tokens=8_000)
+            click.echo(f"{name:<20}" + "".join(f"{results[d].perplexity:>12.2f}" for d in domains))
+    click.echo(f"\nthe MoEs are in {out}/moe-*; load one with AutoModelForCausalLM.from_pretrained")

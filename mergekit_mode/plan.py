@@ -63,7 +63,7 @@ class Plan:
         folders = [f"  {key}: {folder.path}" for key, folder in self.inputs.items()]
         lines += [
             "",
-            f"inputs:\n" + "\n".join(folders),
+            "inputs:\n" + "\n".join(folders),
             f"output: {mixtral.ARCHITECTURE}, {self.config['num_local_experts']} experts, "
             f"{self.config['num_experts_per_tok']} per token, {len(self.tensors)} tensors, "
             f"{format_bytes(self.total_bytes)} ({self.total_bytes} bytes), dtype {DTYPE_TAGS[self.dtype]}",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergekit_mode import executor, writer
+from mergekit_mode import writer
 from tests.conftest import write_recipe
 
 
@@ -178,7 +178,6 @@ def test_interrupted_build_leaves_no_output_and_no_litter(recipe, tmp_path, run_
 
 
 def test_nan_in_an_input_names_the_tensor(llama, tmp_path, run_cli):
-    import torch
     from safetensors.torch import load_file, save_file
 
     bad = _copy(llama.experts[1], tmp_path / "nan")

@@ -20,7 +20,8 @@ from mergekit_mode.toy import (
     train_tokenizer,
     write_corpus,
 )
-from mergekit_mode.toy.train import finetune, perplexity
+from mergekit_mode.evaluate import evaluate
+from mergekit_mode.toy.train import finetune
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1)
 
@@ -135,7 +136,12 @@ def test_short_finetune_lowers_perplexity(tok_dir, tmp_path):
     base = make_model(tmp_path / "base", **TINY, vocab_size=400, tokenizer_dir=tok_dir)
     text = generate("prose", 8_000, seed=1)
     tuned = finetune(base, tmp_path / "ft", text, 30, ctx=64, lr=1e-2, num_threads=1)
-    assert perplexity(tuned, text, ctx=64) < 0.5 * perplexity(base, text, ctx=64)
+    (tmp_path / "prose.txt").write_text(text)
+
+    def perplexity(model):
+        return evaluate(model, {"prose": tmp_path / "prose.txt"}, ctx=64)["prose"].perplexity
+
+    assert perplexity(tuned) < 0.5 * perplexity(base)
     assert (tuned / "tokenizer.model").read_bytes() == (tok_dir / "tokenizer.model").read_bytes()
     again = finetune(base, tmp_path / "ft2", text, 30, ctx=64, lr=1e-2, num_threads=1)
     assert _files(again) == _files(tuned)

@@ -7,7 +7,7 @@ from .domains import DOMAINS, generate, write_corpus
 from .models import make_expert, make_model
 from .suite import DomainSuite, build_domain_suite
 from .tokenizer import train_tokenizer
-from .train import finetune, perplexity, pretrain
+from .train import finetune, pretrain
 
 __all__ = [
     "DOMAINS",
@@ -17,7 +17,6 @@ __all__ = [
     "generate",
     "make_expert",
     "make_model",
-    "perplexity",
     "pretrain",
     "train_tokenizer",
     "write_corpus",

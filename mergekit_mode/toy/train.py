@@ -112,20 +112,6 @@ def finetune(
         return _train_and_save(base_dir, Path(out_dir), batches(), steps, lr=lr, mlp_only=mlp_only)
 
 
-@torch.no_grad()
-def perplexity(model_dir: Path, text: str, ctx: int = 128, *, num_threads: int | None = None) -> float:
-    """Perplexity of the model on ``text`` over non-overlapping ``ctx``-token blocks."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    blocks = to_blocks(encode(model_dir, text), ctx)
-    total, count = 0.0, 0
-    with torch_threads(num_threads):
-        for chunk in blocks.split(16):
-            loss = model(input_ids=chunk, labels=chunk).loss.item()
-            n = chunk.numel() - chunk.shape[0]  # predicted tokens: one fewer than ctx per block
-            total, count = total + loss * n, count + n
-    return math.exp(total / count)
-
-
 def _train_and_save(
     src_dir: Path,
     out_dir: Path,
