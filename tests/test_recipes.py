@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from mergekit_mode.toy import DOMAINS, make_expert, make_model
+from mergekit_mode.toy import DOMAINS, make_expert, make_model, write_corpus
 from mergekit_mode.toy.adapters import make_demo_adapters
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yml"))
@@ -16,12 +16,13 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yml"))
 
 @pytest.fixture(scope="module")
 def demo_layout(tmp_path_factory, tokenizer_dir) -> Path:
-    """tmp/demo-out/{base,experts/<domain>} like `mergekit-mode demo` leaves, the adapters
+    """tmp/demo-out/{base,experts/<domain>,data/train/<domain>.txt} like `mergekit-mode demo` leaves, the adapters
     recipes/adapters.yml asks for, and tmp/recipes/."""
     root = tmp_path_factory.mktemp("layout")
     base = make_model(root / "demo-out" / "base", tokenizer_dir=tokenizer_dir, vocab_size=512)
     for i, d in enumerate(DOMAINS):
         make_expert(base, root / "demo-out" / "experts" / d, seed=i)
+        write_corpus(d, root / "demo-out" / "data" / "train" / f"{d}.txt", 6_000, seed=i)
     make_demo_adapters(root / "demo-out")
     shutil.copytree(RECIPES[0].parent, root / "recipes")
     return root
