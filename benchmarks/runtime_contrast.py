@@ -83,15 +83,37 @@ def mergekit_moe(base: Path, experts: list[Path], out: Path) -> float:
 
 
 def to_canonical(src: Path, dst: Path) -> None:
-    """Same weights, canonical Mixtral key names (via transformers, which converts on load
-    and writes the canonical layout back)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """Same weights, canonical Mixtral key names. (transformers' save_pretrained does not do
+    it here: a model loaded from the internal layout is saved back in the internal layout.)
+    mlp.experts.gate_up_proj [E, 2I, H] -> experts.e.w1 = [:I] (gate), w3 = [I:] (up);
+    mlp.experts.down_proj [E, H, I] -> experts.e.w2; mlp.gate -> block_sparse_moe.gate."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
-    m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    m.save_pretrained(dst)
-    for f in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copy(src / f, dst / f)
+    dst.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for f in sorted(src.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                t = st.get_tensor(k)
+                if k.endswith(".mlp.experts.gate_up_proj"):
+                    pre = k[: -len("mlp.experts.gate_up_proj")] + "block_sparse_moe.experts"
+                    inter = t.shape[1] // 2
+                    for e in range(t.shape[0]):
+                        out[f"{pre}.{e}.w1.weight"] = t[e, :inter].contiguous()
+                        out[f"{pre}.{e}.w3.weight"] = t[e, inter:].contiguous()
+                elif k.endswith(".mlp.experts.down_proj"):
+                    pre = k[: -len("mlp.experts.down_proj")] + "block_sparse_moe.experts"
+                    for e in range(t.shape[0]):
+                        out[f"{pre}.{e}.w2.weight"] = t[e].contiguous()
+                elif ".mlp.gate." in k:
+                    out[k.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = t
+                else:
+                    out[k] = t
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, dst / f.name)
 
 
 def tensor_names(d: Path) -> list[str]:
@@ -125,7 +147,8 @@ def check_llama_cpp(d: Path, model, work: Path) -> str:
     except GGUFExportError as e:
         last = [ln for ln in str(e).splitlines() if ln.strip()][-1]
         return f"FAIL at conversion: {last.strip()}"
-    llm = llama_cpp.Llama(model_path=str(g), logits_all=True, n_ctx=128, n_batch=128, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(g), logits_all=True, n_ctx=128, n_batch=128, n_threads=2, verbose=False,
+                          type_k=0, type_v=0)  # f32 KV cache (the default f16 one alone costs ~3e-3)
     errs, agree = [], True
     for ids in prompts_for(d):
         llm.reset()
@@ -188,6 +211,9 @@ def main():
         m, tr = check_transformers(d)
         models[str(d)] = m
         rows[d] = {"transformers": tr, "llama.cpp": check_llama_cpp(d, m, work)}
+    ids = prompts_for(mk)[0]
+    same = rel_err(hf_logits(models[str(canon)], ids), hf_logits(models[str(mk)], ids))
+    print(f"\ntransformers logits, canonical vs mergekit-moe output: rel diff {same:.1e} (same weights)")
     for k, v in check_vllm([mk, canon], models, work).items():
         rows[Path(k)]["vLLM"] = v
     print()
