@@ -1,0 +1,115 @@
+"""Export a Mixtral-format model folder to GGUF with llama.cpp's own converter.
+
+mergekit-mode does not ship or reimplement llama.cpp's converter: it runs
+llama.cpp's `convert_hf_to_gguf.py` (with llama.cpp's `gguf-py` beside it) in a
+subprocess. Where the converter is looked for, in order:
+
+1. `$LLAMA_CPP_CONVERTER`: path to `convert_hf_to_gguf.py` (a llama.cpp checkout or
+   an unpacked llama-cpp-python sdist, `vendor/llama.cpp/`);
+2. `$MERGEKIT_MODE_RUNTIMES/llama.cpp/convert_hf_to_gguf.py` (default
+   `~/.cache/mergekit-mode/runtimes`), where `.ci/setup-runtimes` puts it.
+
+`gguf-py` is taken from the converter's folder (`gguf-py/`) when there, else the
+`gguf` package must be importable by the Python that runs the converter.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["OUTTYPES", "ConverterNotFoundError", "GGUFExportError", "find_converter", "export_gguf"]
+
+OUTTYPES = ("f16", "bf16", "q8_0", "f32")
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the llama.cpp release tested (as vendored in llama-cpp-python)
+
+HOW_TO_GET = (
+    "llama.cpp's convert_hf_to_gguf.py was not found. Get it with one of:\n"
+    "  - .ci/setup-runtimes llama.cpp   (from a mergekit-mode checkout; caches it under "
+    "$MERGEKIT_MODE_RUNTIMES or ~/.cache/mergekit-mode/runtimes)\n"
+    f"  - pip download --no-deps --no-binary :all: llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}\n"
+    f"    tar xzf llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz\n"
+    f"    export LLAMA_CPP_CONVERTER=$PWD/llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
+    "/vendor/llama.cpp/convert_hf_to_gguf.py\n"
+    "  - or a llama.cpp checkout: export LLAMA_CPP_CONVERTER=/path/to/llama.cpp/convert_hf_to_gguf.py\n"
+    "The converter needs torch, numpy, sentencepiece, safetensors, pyyaml, tqdm and requests."
+)
+
+
+class ConverterNotFoundError(FileNotFoundError):
+    """llama.cpp's convert_hf_to_gguf.py is not available."""
+
+
+class GGUFExportError(RuntimeError):
+    """The converter ran and failed."""
+
+
+def runtimes_dir() -> Path:
+    env = os.environ.get("MERGEKIT_MODE_RUNTIMES")
+    return Path(env) if env else Path.home() / ".cache" / "mergekit-mode" / "runtimes"
+
+
+def find_converter() -> Path | None:
+    """Path of convert_hf_to_gguf.py, or None. A set but wrong $LLAMA_CPP_CONVERTER raises."""
+    env = os.environ.get("LLAMA_CPP_CONVERTER")
+    if env:
+        p = Path(env).expanduser()
+        if p.is_dir():
+            p = p / "convert_hf_to_gguf.py"
+        if not p.is_file():
+            raise ConverterNotFoundError(f"LLAMA_CPP_CONVERTER={env}: no such file.\n" + HOW_TO_GET)
+        return p.resolve()
+    p = runtimes_dir() / "llama.cpp" / "convert_hf_to_gguf.py"
+    return p.resolve() if p.is_file() else None
+
+
+def _converter_env(converter: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    gguf_py = converter.parent / "gguf-py"
+    if gguf_py.is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(gguf_py), env.get("PYTHONPATH")]))
+    # (the converter also puts its own gguf-py first on sys.path unless NO_LOCAL_GGUF is set)
+    return env
+
+
+def export_gguf(
+    model_dir: Path | str,
+    out_file: Path | str,
+    outtype: str = "f16",
+    *,
+    python: str | None = None,
+    timeout: float | None = None,
+) -> Path:
+    """Convert a (Mixtral-format) Hugging Face model folder to one GGUF file.
+
+    outtype: f16 | bf16 | q8_0 | f32. `python` runs the converter (default: this one).
+    Raises ConverterNotFoundError when llama.cpp's converter is not found, and
+    GGUFExportError (with the converter's last output lines) when it fails.
+    """
+    model_dir, out_file = Path(model_dir), Path(out_file)
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json)")
+    converter = find_converter()
+    if converter is None:
+        raise ConverterNotFoundError(HOW_TO_GET)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        python or sys.executable,
+        str(converter),
+        str(model_dir),
+        "--outfile",
+        str(out_file),
+        "--outtype",
+        outtype,
+    ]
+    p = subprocess.run(cmd, env=_converter_env(converter), capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0 or not out_file.is_file():
+        tail = "\n".join((p.stdout + "\n" + p.stderr).strip().splitlines()[-30:])
+        raise GGUFExportError(
+            f"llama.cpp's converter ({converter}) failed on {model_dir} (exit {p.returncode}):\n{tail}"
+        )
+    return out_file
