@@ -28,36 +28,27 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mergekit_mode.gguf import GGUFExportError, export_gguf  # noqa: E402
-from tests.runtime.conftest import _train_sentencepiece  # noqa: E402
+from mergekit_mode.toy import DOMAINS, generate, make_expert, make_model, train_tokenizer  # noqa: E402
+from tests.runtime.conftest import SIZES  # noqa: E402
 from tests.runtime.runtimes import cache_dir, hf_greedy, hf_logits, prompts_for, rel_err  # noqa: E402
 
 N_NEW = 8
 
 
 def make_mistral_experts(root: Path, n_experts: int = 3) -> tuple[Path, list[Path]]:
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
+    """A tiny Mistral base (the runtime tests' sizes) and MLP-perturbed experts of it."""
+    tokenizer = train_tokenizer([generate(d, 4000, seed=1) for d in DOMAINS], root / "tokenizer")
+    base = make_model(root / "base", "mistral", tokenizer_dir=tokenizer, seed=0, rope_theta=1e6, **SIZES)
+    return base, [make_expert(base, root / f"expert{i}", seed=i, mlp_scale=0.5) for i in range(1, n_experts + 1)]
 
-    cfg = MistralConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                        rope_theta=1e6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                        initializer_range=0.15, sliding_window=None)
-    torch.manual_seed(0)
-    base = MistralForCausalLM(cfg).float().eval()
-    paths = []
-    for i in range(n_experts + 1):
-        d = root / ("base" if i == 0 else f"expert{i}")
-        m = MistralForCausalLM(cfg).float().eval()
-        m.load_state_dict(base.state_dict())
-        if i:
-            with torch.no_grad():
-                for layer in m.model.layers:  # an "MLP-only fine-tune"
-                    for p in layer.mlp.parameters():
-                        p.add_(torch.randn_like(p) * 0.1)
-        m.save_pretrained(d)
-        _train_sentencepiece(d)
-        paths.append(d)
-    return paths[0], paths[1:]
+
+def mergekit_mode(base: Path, experts: list[Path], out: Path) -> None:
+    """The same experts through mergekit-mode (random router, top-2: other router weights)."""
+    recipe = out.parent / "mergekit-mode.yml"
+    recipe.write_text(json.dumps({"base_model": str(base), "experts": [{"model": str(e)} for e in experts],
+                                  "router": {"mode": "random", "experts_per_token": 2}}))
+    exe = Path(sys.executable).with_name("mergekit-mode")
+    subprocess.run([str(exe), str(recipe), str(out), "-q"], check=True)
 
 
 def mergekit_moe(base: Path, experts: list[Path], out: Path) -> float:
@@ -204,9 +195,11 @@ def main():
     print(f"mergekit-moe (gate_mode random, 3 tiny Mistral experts, top-2): {mergekit_moe(base, experts, mk):.1f} s")
     canon = work / "canonical"
     to_canonical(mk, canon)
+    mode = work / "mergekit-mode-out"
+    mergekit_mode(base, experts, mode)
     rows = {}
     models = {}
-    for d in (mk, canon):
+    for d in (mk, canon, mode):
         print(f"\n== {d.name}: layer-0 MoE tensors: {tensor_names(d)}")
         m, tr = check_transformers(d)
         models[str(d)] = m
@@ -214,7 +207,7 @@ def main():
     ids = prompts_for(mk)[0]
     same = rel_err(hf_logits(models[str(canon)], ids), hf_logits(models[str(mk)], ids))
     print(f"\ntransformers logits, canonical vs mergekit-moe output: rel diff {same:.1e} (same weights)")
-    for k, v in check_vllm([mk, canon], models, work).items():
+    for k, v in check_vllm([mk, canon, mode], models, work).items():
         rows[Path(k)]["vLLM"] = v
     print()
     for d, r in rows.items():

@@ -69,7 +69,7 @@ def test_export_gguf_outtypes_load(moe_dirs, tmp_path, outtype):
     """export_gguf's lossy outtypes load and stay close to the float32 reference. On the
     gate-less model: with a top-k router, rounding the weights can flip a token's expert
     choice, which is a real (not a conversion) difference from the float32 reference."""
-    _check(moe_dirs["e4-gateless"], tmp_path, outtype, greedy=False)
+    _check(moe_dirs["llama-e4-gateless"], tmp_path, outtype, greedy=False)
 
 
 def test_export_gguf_metadata(moe_dirs, tmp_path):
@@ -83,7 +83,7 @@ def test_export_gguf_metadata(moe_dirs, tmp_path):
         import gguf
     finally:
         sys.path.pop(0)
-    d = moe_dirs["e3-top2"]
+    d = moe_dirs["llama-e3-top2"]
     cfg = json.loads((d / "config.json").read_text())
     r = gguf.GGUFReader(export_gguf(d, tmp_path / "m.gguf", outtype="f32"))
     f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.ggml.") or k.endswith("model")}
@@ -105,8 +105,8 @@ def test_export_gguf_missing_converter(monkeypatch, tmp_path, moe_dirs):
 
     monkeypatch.setenv("LLAMA_CPP_CONVERTER", str(tmp_path / "nope" / "convert_hf_to_gguf.py"))
     with pytest.raises(ConverterNotFoundError, match="setup-runtimes"):
-        export_gguf(moe_dirs["e3-top2"], tmp_path / "x.gguf")
+        export_gguf(moe_dirs["llama-e3-top2"], tmp_path / "x.gguf")
     monkeypatch.delenv("LLAMA_CPP_CONVERTER")
     monkeypatch.setenv("MERGEKIT_MODE_RUNTIMES", str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="pip download --no-deps --no-binary :all: llama-cpp-python"):
-        export_gguf(moe_dirs["e3-top2"], tmp_path / "x.gguf")
+        export_gguf(moe_dirs["llama-e3-top2"], tmp_path / "x.gguf")
