@@ -22,6 +22,7 @@ MAIN_HELP = """Build a Mixture-of-Domain-Experts model in the canonical Mixtral 
     mergekit-mode validate RECIPE...  check recipes and their inputs (no weights read)
     mergekit-mode schema              print the recipe's JSON Schema
     mergekit-mode demo [OUT/]         train tiny experts here and build a MoE of them
+    mergekit-mode export-gguf OUT/    convert to GGUF with llama.cpp's converter
     mergekit-mode eval MODEL --data NAME=FILE ...    perplexity and routing per domain
     mergekit-mode report MODEL --data NAME=FILE ... --plot routing.png
 
@@ -197,6 +198,38 @@ def demo(out: Path, pretrain_steps: int, finetune_steps: int, force: bool) -> No
     from mergekit_mode.demo import demo as run_demo
 
     run_demo(out, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, force=force)
+
+
+@cli.command("export-gguf")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--outtype", type=click.Choice(["f16", "bf16", "q8_0", "f32"]), default="f16", show_default=True,
+              help="Tensor type of the GGUF file.")
+@click.option("--outfile", type=click.Path(path_type=Path), default=None,
+              help="GGUF file to write (default: MODEL-OUTTYPE.gguf beside MODEL).")
+@click.option("--force", is_flag=True, help="Replace OUTFILE if it exists.")
+def export_gguf(model: Path, outtype: str, outfile: Path | None, force: bool) -> None:
+    """Convert the model folder MODEL to a GGUF file with llama.cpp's own converter.
+
+    The converter (llama.cpp's convert_hf_to_gguf.py) is not part of mergekit-mode: set
+    LLAMA_CPP_CONVERTER to its path, or run `.ci/setup-runtimes llama.cpp` in a mergekit-mode
+    checkout, which takes it from the llama-cpp-python sdist on PyPI (see the README).
+    """
+    from mergekit_mode import gguf
+
+    model = model.resolve() if model.exists() else model
+    outfile = outfile or model.with_name(f"{model.name}-{outtype}.gguf")
+    if outfile.exists() and not force:
+        raise ModeError(f"--outfile: {outfile} exists (use --force to replace it)")
+    try:
+        gguf.export_gguf(model, outfile, outtype)
+    except gguf.ConverterNotFoundError as e:
+        raise ModeError(str(e).splitlines()[0].split(". ")[0].rstrip(".") + ": set LLAMA_CPP_CONVERTER or run "
+                        "`.ci/setup-runtimes llama.cpp` (README, 'GGUF')") from None
+    except FileNotFoundError as e:
+        raise ModeError(f"MODEL: {e}") from None
+    except gguf.GGUFExportError as e:
+        raise ModeError(" | ".join(str(e).splitlines()[-3:])) from None
+    click.echo(f"wrote {outfile}")
 
 
 def _interrupt(signum: int, frame: object) -> None:

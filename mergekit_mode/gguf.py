@@ -29,7 +29,7 @@ HOW_TO_GET = (
     "llama.cpp's convert_hf_to_gguf.py was not found. Get it with one of:\n"
     "  - .ci/setup-runtimes llama.cpp   (from a mergekit-mode checkout; caches it under "
     "$MERGEKIT_MODE_RUNTIMES or ~/.cache/mergekit-mode/runtimes)\n"
-    f"  - pip download --no-deps --no-binary :all: llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}\n"
+    f"  - pip download --no-deps --no-binary llama-cpp-python llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}\n"
     f"    tar xzf llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz\n"
     f"    export LLAMA_CPP_CONVERTER=$PWD/llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
     "/vendor/llama.cpp/convert_hf_to_gguf.py\n"
@@ -97,19 +97,18 @@ def export_gguf(
     if converter is None:
         raise ConverterNotFoundError(HOW_TO_GET)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        python or sys.executable,
-        str(converter),
-        str(model_dir),
-        "--outfile",
-        str(out_file),
-        "--outtype",
-        outtype,
-    ]
-    p = subprocess.run(cmd, env=_converter_env(converter), capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0 or not out_file.is_file():
-        tail = "\n".join((p.stdout + "\n" + p.stderr).strip().splitlines()[-30:])
-        raise GGUFExportError(
-            f"llama.cpp's converter ({converter}) failed on {model_dir} (exit {p.returncode}):\n{tail}"
-        )
+    # The converter writes as it goes: convert to a hidden name and rename when complete, so a
+    # failed or interrupted export never leaves a truncated .gguf that looks finished.
+    partial = out_file.with_name(f".{out_file.name}.partial")
+    cmd = [python or sys.executable, str(converter), str(model_dir), "--outfile", str(partial), "--outtype", outtype]
+    try:
+        p = subprocess.run(cmd, env=_converter_env(converter), capture_output=True, text=True, timeout=timeout)
+        if p.returncode != 0 or not partial.is_file():
+            tail = "\n".join((p.stdout + "\n" + p.stderr).strip().splitlines()[-30:])
+            raise GGUFExportError(
+                f"llama.cpp's converter ({converter}) failed on {model_dir} (exit {p.returncode}):\n{tail}"
+            )
+        partial.rename(out_file)
+    finally:
+        partial.unlink(missing_ok=True)
     return out_file

@@ -188,3 +188,11 @@ def test_nan_in_an_input_names_the_tensor(llama, tmp_path, run_cli):
     expect_error(run_cli(recipe, tmp_path / "out", "-q"), "nan/model.safetensors", "model.layers.1.mlp.up_proj.weight", "NaN")
     assert not (tmp_path / "out").exists()
     no_litter(tmp_path)
+
+
+def test_export_gguf_without_converter(llama, tmp_path, run_cli, monkeypatch):
+    monkeypatch.delenv("LLAMA_CPP_CONVERTER", raising=False)
+    monkeypatch.setenv("MERGEKIT_MODE_RUNTIMES", str(tmp_path / "empty"))
+    expect_error(run_cli("export-gguf", llama.base, "--outfile", tmp_path / "x.gguf"),
+                 "convert_hf_to_gguf.py was not found", "LLAMA_CPP_CONVERTER", "setup-runtimes")
+    assert not (tmp_path / "x.gguf").exists()

@@ -110,3 +110,15 @@ def test_export_gguf_missing_converter(monkeypatch, tmp_path, moe_dirs):
     monkeypatch.setenv("MERGEKIT_MODE_RUNTIMES", str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="pip download --no-deps --no-binary :all: llama-cpp-python"):
         export_gguf(moe_dirs["llama-e3-top2"], tmp_path / "x.gguf")
+
+
+def test_cli_export_gguf_loads_in_llama_cpp(moe_dirs, tmp_path, run_cli):
+    import llama_cpp
+
+    out = tmp_path / "m.gguf"
+    result = run_cli("export-gguf", moe_dirs["mistral-e4-top2"], "--outtype", "q8_0", "--outfile", out)
+    assert result.code == 0, result.err
+    assert not list(tmp_path.glob(".*partial"))
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False)
+    assert llm.n_vocab() == 512
+    assert run_cli("export-gguf", moe_dirs["mistral-e4-top2"], "--outfile", out).code == 2  # exists, no --force
