@@ -81,10 +81,12 @@ def compute(item: OutputTensor, inputs: _Inputs, routers: list[torch.Tensor]) ->
         error = f"stem: {op.method} made NaN or Inf in {item.name} (check the weights, e.g. a zero sum)"
     else:
         raise AssertionError(f"no executor for {op!r}")
-    tensor = tensor.to(item.dtype)
-    if not all_finite(tensor):  # after the cast: a value beyond float16's range is Inf there
+    cast = tensor.to(item.dtype)
+    if not all_finite(cast):  # after the cast: a value beyond float16's range is Inf there
+        if all_finite(tensor):
+            error = f"{item.name} ({op}): overflows {item.dtype} (values beyond its range)"
         raise ModeError(error)
-    return tensor
+    return cast
 
 
 def compute_alone(item: OutputTensor, plan: Plan, reader: TensorReader, device: torch.device) -> torch.Tensor:

@@ -153,3 +153,19 @@ def test_concurrent_build_of_the_same_output_is_refused(llama, tmp_path, run_cli
         assert (stage / "model.safetensors").read_bytes() == b"partial"  # its work is untouched
     finally:
         os.close(fd)
+
+
+def test_float16_overflow_from_a_lora_merge_is_named(llama, tmp_path, run_cli):
+    from mergekit_mode.toy.adapters import make_adapter
+
+    adapter = make_adapter(llama.base, tmp_path / "hot-lora", seed=1, r=2, lora_alpha=4, target_modules=["up_proj"])
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    name = next(n for n in tensors if "layers.1.mlp.up_proj.lora_B" in n)
+    tensors[name] = tensors[name] * 1e7  # every weight finite in the adapter; the merged one is not in float16
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"base_model: {llama.base}\ndtype: float16\nexperts:\n  - model: {llama.experts[0]}\n"
+                      f"  - adapter: {adapter}\n")
+    result = run_cli(recipe, tmp_path / "out", "-q")
+    assert result.code == 2 and "model.layers.1.mlp.up_proj.weight" in result.err and "overflows" in result.err, result.err
+    assert not (tmp_path / "out").exists()
