@@ -1,7 +1,8 @@
 """Property: for any recipe, `validate` and the build agree, and nothing ends in a traceback.
 
-Recipes are drawn around a valid one: each field kept, dropped, replaced by a value of another
-type, or joined by a misspelt key. Whatever comes out, either both `validate` and the build
+Recipes are drawn around a valid one (full and LoRA experts, every router mode, stems): each
+field kept, dropped, replaced by a plausible mistake or a value of another type, or joined by a
+misspelt key. Whatever comes out, either both `validate` and the build
 accept it and the model loads in transformers, or both reject it with exit code 2 and one line.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -26,15 +28,26 @@ def field(valid: st.SearchStrategy, plausible: list | None = None) -> st.SearchS
 
 
 @st.composite
-def recipes(draw, base: str, experts: list[str]) -> dict:
+def recipes(draw, base: str, experts: list[str], adapter: str) -> dict:
     n = draw(st.sampled_from([1, 2, 2, 3, 3]))
+    mode = draw(field(st.sampled_from(["gateless", "noisy", "random", "hidden", "trained"]), ["smart"]))
+    data_mode = mode in ("hidden", "trained")
     specs = []
     for i in range(n):
-        spec = {"model": draw(field(st.sampled_from([*experts, base]), ["./missing"]))}
+        kind = draw(st.sampled_from(["model", "model", "adapter", "both"]))
+        spec = {}
+        if kind != "adapter":
+            spec["model"] = draw(field(st.sampled_from([*experts, base]), ["./missing"]))
+        if kind != "model":
+            spec["adapter"] = draw(field(st.just(adapter), ["./missing-lora", base]))
         if draw(st.booleans()):
-            spec["name"] = draw(field(st.sampled_from(["a", "b", "c"]), ["base_model"]))
+            spec["name"] = draw(field(st.just(f"e{i}"), ["base_model", "e0"]))
+        if data_mode or draw(st.integers(0, 5)) == 0:
+            spec["prompts"] = draw(field(st.just(["7 + 5 = 12 ;", "ACGT"]), [[]]))
         specs.append(spec)
-    router = {"mode": draw(field(st.sampled_from(["gateless", "noisy", "random"]), ["smart"]))}
+    router = {"mode": mode}
+    if router["mode"] == "trained":  # few steps: the property is about agreement, not quality
+        router["train"] = {"steps": draw(field(st.integers(1, 3), [0])), "batch_size": 2}
     if draw(st.booleans()):
         router["experts_per_token"] = draw(field(st.integers(1, 2), [0, 4]))
     if router["mode"] == "noisy" and draw(st.booleans()):
@@ -59,11 +72,19 @@ def one_error_line(err: str) -> bool:
     return len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err
 
 
-def test_validate_and_build_agree(llama, run_cli):
+@pytest.fixture(scope="module")
+def adapter(llama, tmp_path_factory) -> str:
+    from mergekit_mode.toy.adapters import make_adapter
+
+    return str(make_adapter(llama.base, tmp_path_factory.mktemp("fuzz") / "lora", seed=0, r=2, lora_alpha=4,
+                            target_modules=["up_proj", "q_proj"]))
+
+
+def test_validate_and_build_agree(llama, adapter, run_cli):
     experts = [str(p) for p in llama.experts]
 
-    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(recipes(str(llama.base), experts))
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(recipes(str(llama.base), experts, adapter))
     def check(recipe: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "r.yml"
