@@ -19,13 +19,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import peft
+from typing import TYPE_CHECKING
+
 import torch
-from peft import LoraConfig
-from peft.utils.other import get_pattern_key
 
 from mergekit_mode.errors import ModeError
 from mergekit_mode.inputs import TensorInfo, TensorReader, read_json, read_safetensors_header
+
+if TYPE_CHECKING:  # peft is imported where adapters are opened: it costs seconds at start-up
+    from peft import LoraConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -108,6 +110,9 @@ class AdapterFolder:
 
 
 def _read_config(file: Path, field: str) -> LoraConfig:
+    import peft
+    from peft import LoraConfig
+
     raw = read_json(file, field)
     peft_type = str(raw.get("peft_type", ""))
     if peft_type != "LORA":
@@ -149,6 +154,8 @@ def _check_numbers(config: LoraConfig, where: str) -> None:
 
 def _rank_and_alpha(config: LoraConfig, module: str) -> tuple[int, float]:
     """r and alpha of one module, with peft's own pattern matching (LoraModel._create_and_replace)."""
+    from peft.utils.other import get_pattern_key
+
     r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
     alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
     return int(r), float(alpha)

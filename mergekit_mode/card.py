@@ -9,7 +9,6 @@ from mergekit_mode import __version__
 from mergekit_mode.adapters import AdapterFolder
 from mergekit_mode.plan import BASE, Plan
 from mergekit_mode.recipe import ExpertSpec, FromExpert, Recipe
-from mergekit_mode.stem import resolve_stem
 
 ROUTER_TEXT = {
     "gateless": "gate-less: every expert runs on every token with equal weight 1/E (router weights are zero)",
@@ -57,13 +56,15 @@ def _policy_text(policy: object, texts: dict[object, str]) -> str:
 
 def stem_text(recipe: Recipe) -> str:
     """How the shared tensors were made, with the method's parameters as the recipe set them."""
-    stem = resolve_stem(recipe.stem, recipe.expert_names)
-    if stem is None:
+    if recipe.stem is None:
         if all(e.adapter is None for e in recipe.experts):
             return "copied from the base model"
         return (f"attention and norms: {_policy_text(recipe.shared_deltas, SHARED_TEXT)}; "
                 "embeddings and lm_head: "
                 + _policy_text(recipe.embeddings, {None: "the base's (no adapter changes them)", "base": "the base's"}))
+    from mergekit_mode.stem import resolve_stem  # mergekit: only for recipes with a stem merge
+
+    stem = resolve_stem(recipe.stem, recipe.expert_names)
     spec = recipe.stem
     per_model = "".join(f"; {m.model}: `{json.dumps(m.parameters)}`" for m in spec.models or () if m.parameters)
     return (f"merged by mergekit {version('mergekit')}'s `{stem.method}` of {', '.join(stem.inputs)} "

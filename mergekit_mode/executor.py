@@ -16,7 +16,6 @@ from mergekit_mode.inputs import Prefetcher, TensorInfo, TensorReader
 from mergekit_mode.numerics import all_finite
 from mergekit_mode.ops import Copy, LoraMerge, Mean, RouterWeights, Source, StemMerge
 from mergekit_mode.plan import OutputTensor, Plan
-from mergekit_mode.stem import merge
 from mergekit_mode.writer import ShardedWriter
 
 Progress = Callable[[OutputTensor], None]
@@ -77,6 +76,8 @@ def compute(item: OutputTensor, inputs: _Inputs, routers: list[torch.Tensor]) ->
     elif isinstance(op, Mean):
         tensor, error = inputs.mean(op), f"{item.name} ({op}): contains NaN or Inf"
     elif isinstance(op, StemMerge):
+        from mergekit_mode.stem import merge  # mergekit: only for recipes with a stem merge
+
         tensor = merge(op, item.name, [inputs.version(i) for i in op.inputs], item.dtype)
         error = f"stem: {op.method} made NaN or Inf in {item.name} (check the weights, e.g. a zero sum)"
     else:

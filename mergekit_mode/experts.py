@@ -9,7 +9,7 @@ recipe's `shared_deltas` policy, embeddings and lm_head its `embeddings` policy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Union
+from typing import TYPE_CHECKING, Iterator, Union
 
 from mergekit_mode.adapters import CONFIG_FILE, AdapterFolder, check_biases, recorded_base_differs
 from mergekit_mode.errors import ModeError
@@ -17,7 +17,9 @@ from mergekit_mode.formats import mixtral
 from mergekit_mode.inputs import ModelFolder, TensorInfo, TensorReader
 from mergekit_mode.ops import BASE, Change, Copy, LoraMerge, Mean, Op, Source, StemMerge
 from mergekit_mode.recipe import FromExpert, LoadedRecipe, Recipe
-from mergekit_mode.stem import Stem
+
+if TYPE_CHECKING:
+    from mergekit_mode.stem import Stem
 
 Input = Union[ModelFolder, AdapterFolder]
 

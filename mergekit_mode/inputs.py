@@ -213,10 +213,10 @@ class Prefetcher:
 
     Disk reads, the finiteness check and page faults of fresh buffers then overlap with the
     main thread's conversions and writes (all of them release the GIL). At most `depth` tensors
-    wait, so memory stays bounded. A read that is not the next expected one is done directly.
+    wait (one: two would hold two embedding-sized tensors at once), so memory stays bounded. A read that is not the next expected one is done directly.
     """
 
-    def __init__(self, reader: TensorReader, order: list[TensorInfo], depth: int = 2) -> None:
+    def __init__(self, reader: TensorReader, order: list[TensorInfo], depth: int = 1) -> None:
         self._reader = reader
         self._order = collections.deque(order)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")

@@ -18,6 +18,7 @@ _BITS = {
     torch.float64: (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
 }
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CHUNK = 1 << 22  # elements per pass: the scratch buffer stays at a few MB
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -28,4 +29,10 @@ def all_finite(tensor: torch.Tensor) -> bool:
         return bool(torch.isfinite(tensor).all())
     unsigned, mask, threshold = _BITS[tensor.dtype]
     raw = tensor.contiguous().view(_INT_OF_SIZE[tensor.element_size()]).numpy().view(unsigned).reshape(-1)
-    return int(np.bitwise_and(raw, unsigned(mask)).max()) < threshold
+    scratch = np.empty(min(raw.size, _CHUNK), dtype=unsigned)  # bounded: not a copy of a 1 GB embedding
+    for start in range(0, raw.size, _CHUNK):
+        part = raw[start : start + _CHUNK]
+        np.bitwise_and(part, unsigned(mask), out=scratch[: part.size])
+        if int(scratch[: part.size].max()) >= threshold:
+            return False
+    return True

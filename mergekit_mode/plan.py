@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -23,7 +23,9 @@ from mergekit_mode.formats import mixtral
 from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder, TensorInfo
 from mergekit_mode.ops import BASE, Op, RouterWeights
 from mergekit_mode.recipe import DATA_MODES, LoadedRecipe
-from mergekit_mode.stem import Stem, resolve_stem
+
+if TYPE_CHECKING:  # mergekit (stem merges) is imported only by recipes that merge the stem
+    from mergekit_mode.stem import Stem
 
 @dataclass(frozen=True)
 class OutputTensor:
@@ -160,6 +162,14 @@ def _warnings(
     yield from adapter_warnings(inputs, experts, fields, recipe, stem.inputs if stem else None)
 
 
+def _resolve_stem(recipe, names: list[str]) -> Stem | None:
+    if recipe.stem is None:
+        return None
+    from mergekit_mode.stem import resolve_stem
+
+    return resolve_stem(recipe.stem, names)
+
+
 def build_plan(loaded: LoadedRecipe) -> Plan:
     recipe = loaded.recipe
     inputs, fields = open_inputs(loaded)
@@ -174,7 +184,7 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
     tied = bool(cfg.get("tie_word_embeddings", False))
 
     used: set[str] = set()
-    stem = resolve_stem(recipe.stem, names)
+    stem = _resolve_stem(recipe, names)
 
     def output(name: str, tensor: str, op: Op) -> OutputTensor:
         """`name` in the output, made by `op` from the base tensor `tensor` (or its versions)."""
