@@ -119,11 +119,15 @@ def tokenize_domains(model_dir: Path, data: dict[str, Path], max_tokens: int = 5
     return streams
 
 
+def check_ctx(ctx: int) -> None:
+    if ctx < 2:
+        raise ModeError(f"--ctx: {ctx} is too short (at least 2 tokens)")
+
+
 def evaluate_streams(model_dir: Path, streams: dict[str, list[int]], *, ctx: int = 128, batch_size: int = 8,
                      device: torch.device = torch.device("cpu")) -> dict[str, DomainResult]:
     """Every domain's result on already tokenized text, in the order given."""
-    if ctx < 2:
-        raise ModeError(f"--ctx: {ctx} is too short (at least 2 tokens)")
+    check_ctx(ctx)
     model = load_model(model_dir, device)
     return {name: evaluate_domain(model, ids, ctx, batch_size, device) for name, ids in streams.items()}
 

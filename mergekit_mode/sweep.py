@@ -25,8 +25,8 @@ import yaml
 
 from mergekit_mode.build import parse_device, write_model
 from mergekit_mode.errors import ModeError
-from mergekit_mode.evaluate import DomainResult, evaluate_streams, tokenize_domains
-from mergekit_mode.plan import Plan, build_plan
+from mergekit_mode.evaluate import DomainResult, check_ctx, evaluate_streams, tokenize_domains
+from mergekit_mode.plan import BASE, Plan, build_plan
 from mergekit_mode.recipe import DATA_MODES, ExpertData, LoadedRecipe, RouterSpec, load_recipe, parse_recipe
 from mergekit_mode.writer import check_destination
 
@@ -88,16 +88,18 @@ def plan_variants(recipe_path: Path, modes: list[str], out: Path, force: bool) -
 
 def sweep(plans: dict[str, Plan], out: Path, data: dict[str, Path], *, ctx: int, max_tokens: int, batch_size: int,
           device: str, force: bool, quiet: bool) -> dict[str, dict[str, DomainResult]]:
-    """Build every planned variant into OUT/<mode> and evaluate each on `data`: {mode: {domain: result}}."""
+    """Build every planned variant into OUT/<mode> and evaluate each on `data`: {mode: {domain: result}}.
+
+    The text is read first, with the base's tokenizer (which every variant carries), so a bad
+    --data or --ctx fails before anything is built."""
+    check_ctx(ctx)
+    streams = tokenize_domains(next(iter(plans.values())).inputs[BASE].path, data, max_tokens)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, DomainResult]] = {}
-    streams = None
     for mode, plan in plans.items():
         if not quiet:
             print(f"building {out / mode} ...", file=sys.stderr, flush=True)
         write_model(plan, out / mode, force=force, device=device, quiet=quiet)
-        if streams is None:
-            streams = tokenize_domains(out / mode, data, max_tokens)
         results[mode] = evaluate_streams(out / mode, streams, ctx=ctx, batch_size=batch_size,
                                          device=parse_device(device))
     return results

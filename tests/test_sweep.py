@@ -78,3 +78,11 @@ def test_a_mode_the_recipe_cannot_make_fails_before_anything_is_built(llama, tex
     assert result.code == 2
     assert "(router hidden)" in result.err and "needs data" in result.err
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_data_fails_before_anything_is_built(swept, run_cli, tmp_path):
+    recipe, _ = swept
+    result = run_cli("sweep", recipe, tmp_path / "out", "--router", "gateless", "--data", "x=/nonexistent.txt")
+    assert result.code == 2
+    assert "/nonexistent.txt does not exist" in result.err and len(result.err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
