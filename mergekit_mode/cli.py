@@ -25,6 +25,7 @@ MAIN_HELP = """Build a Mixture-of-Domain-Experts model in the canonical Mixtral 
     mergekit-mode export-gguf OUT/    convert to GGUF with llama.cpp's converter
     mergekit-mode eval MODEL --data NAME=FILE ...    perplexity and routing per domain
     mergekit-mode report MODEL --data NAME=FILE ... --plot routing.png
+    mergekit-mode sweep RECIPE OUT/ --router gateless,trained --data NAME=FILE ...
 
 The base model gives attention, embeddings, norms and tokenizer; each expert (a fine-tune of
 the base, or a peft LoRA adapter of it) brings its MLP; a router picks experts per token. The
@@ -113,10 +114,9 @@ def schema() -> None:
     click.echo(json.dumps(json_schema(), indent=2))
 
 
-def _eval_options(command):
-    """The options eval and report share (what text, how it is cut, where the model runs)."""
+def _data_options(command):
+    """The options eval, report and sweep share (what text, how it is cut, where the model runs)."""
     options = [
-        click.argument("model", type=click.Path(path_type=Path)),
         click.option("--data", "data", multiple=True, required=True, metavar="NAME=FILE",
                      help="A domain's text: plain text (one document per line) or .jsonl with 'text'. Repeatable."),
         click.option("--ctx", default=128, show_default=True, help="Window length in tokens (non-overlapping windows)."),
@@ -127,6 +127,10 @@ def _eval_options(command):
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def _eval_options(command):
+    return click.argument("model", type=click.Path(path_type=Path))(_data_options(command))
 
 
 def _run_eval(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str):
@@ -230,6 +234,35 @@ def export_gguf(model: Path, outtype: str, outfile: Path | None, force: bool) ->
     except gguf.GGUFExportError as e:
         raise ModeError(" | ".join(str(e).splitlines()[-3:])) from None
     click.echo(f"wrote {outfile}")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--router", "routers", default="gateless,noisy,hidden,trained", show_default=True,
+              help="Comma-separated router modes; each is built into OUT/<mode>.")
+@_data_options
+@click.option("--force", is_flag=True, help="Replace OUT/<mode> folders that exist and are not empty.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def sweep(recipe: Path, out: Path, routers: str, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int,
+          device: str, force: bool, quiet: bool) -> None:
+    """Build RECIPE once per router mode into OUT/<mode>/ and print their perplexity side by side.
+
+    The recipe's router block is replaced by each mode, keeping its settings where they apply (top-k,
+    seed, std, pooling, data limits, train). Every variant is planned before any is built; the --data
+    text is tokenized once. Table: one row per domain, one column per mode, the best marked *.
+    """
+    from mergekit_mode.evaluate import parse_data
+    from mergekit_mode.sweep import format_sweep, parse_modes, plan_variants, sweep as run_sweep
+
+    domains = parse_data(data)
+    plans = plan_variants(recipe, parse_modes(routers), out, force)
+    for mode, plan in plans.items():
+        for warning in plan.warnings:
+            click.echo(f"warning: {mode}: {warning}", err=True)
+    results = run_sweep(plans, out, domains, ctx=ctx, max_tokens=max_tokens, batch_size=batch_size, device=device,
+                        force=force, quiet=quiet)
+    click.echo(format_sweep(results))
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -108,18 +108,35 @@ def _count_choices(counts: torch.Tensor, router_logits, batch: Batch, k: int) ->
         counts[layer] += torch.bincount(real.topk(k, dim=-1).indices.flatten(), minlength=counts.shape[1])
 
 
-def evaluate(model_dir: Path, data: dict[str, Path], *, ctx: int = 128, batch_size: int = 8,
-             max_tokens: int = 50_000, device: torch.device = torch.device("cpu")) -> dict[str, DomainResult]:
-    """Every domain's result, in the order given."""
-    if ctx < 2:
-        raise ModeError(f"--ctx: {ctx} is too short (at least 2 tokens)")
+def tokenize_domains(model_dir: Path, data: dict[str, Path], max_tokens: int = 50_000) -> dict[str, list[int]]:
+    """Each domain's token stream, with MODEL's tokenizer. Models that share a tokenizer (a base, its
+    experts, every MoE built from them) share the streams, so a sweep tokenizes once."""
     tokenizer = load_tokenizer(model_dir, "MODEL")
     streams = {}
     for name, path in data.items():
         pieces = tokenize_documents(iter_documents(path, f"--data {name}"), tokenizer, max_tokens, max_tokens)
         streams[name] = [t for piece in pieces for t in piece]
+    return streams
+
+
+def check_ctx(ctx: int) -> None:
+    if ctx < 2:
+        raise ModeError(f"--ctx: {ctx} is too short (at least 2 tokens)")
+
+
+def evaluate_streams(model_dir: Path, streams: dict[str, list[int]], *, ctx: int = 128, batch_size: int = 8,
+                     device: torch.device = torch.device("cpu")) -> dict[str, DomainResult]:
+    """Every domain's result on already tokenized text, in the order given."""
+    check_ctx(ctx)
     model = load_model(model_dir, device)
     return {name: evaluate_domain(model, ids, ctx, batch_size, device) for name, ids in streams.items()}
+
+
+def evaluate(model_dir: Path, data: dict[str, Path], *, ctx: int = 128, batch_size: int = 8,
+             max_tokens: int = 50_000, device: torch.device = torch.device("cpu")) -> dict[str, DomainResult]:
+    """Every domain's result, in the order given."""
+    streams = tokenize_domains(model_dir, data, max_tokens)
+    return evaluate_streams(model_dir, streams, ctx=ctx, batch_size=batch_size, device=device)
 
 
 def to_json(results: dict[str, DomainResult]) -> dict:

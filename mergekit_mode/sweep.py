@@ -1,0 +1,119 @@
+"""`mergekit-mode sweep`: one recipe built with several router modes, evaluated side by side.
+
+The paper's advice is that no router wins everywhere (gate-less is best with few strong experts,
+trained routers help some domains), so a validation run picks the variant. A sweep builds each
+mode of one recipe into OUT/<mode>/ and prints the per-domain perplexity of all of them in one
+table. The recipe's router block is kept where its settings apply to a mode (top-k, seed, std for
+noisy, pooling and data limits for the data modes, train for trained) and dropped where they would
+be refused or ignored.
+
+What is shared and what is recomputed: every variant is planned (headers only) and its output
+folder checked before anything is built, so a recipe that cannot make some mode fails in a second;
+the held-out text is tokenized once (every variant carries the base's tokenizer). Each variant is
+a complete model, so its shared tensors are read and written again, and the data modes each
+tokenize the experts' text and run the base themselves (trained's hidden init is computed on its
+training split, which differs from hidden's rows, so it is not reused).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import get_args
+
+import yaml
+
+from mergekit_mode.build import parse_device, write_model
+from mergekit_mode.errors import ModeError
+from mergekit_mode.evaluate import DomainResult, check_ctx, evaluate_streams, tokenize_domains
+from mergekit_mode.plan import BASE, Plan, build_plan
+from mergekit_mode.recipe import DATA_MODES, ExpertData, LoadedRecipe, RouterSpec, load_recipe, parse_recipe
+from mergekit_mode.writer import check_destination
+
+MODES: tuple[str, ...] = get_args(RouterSpec.model_fields["mode"].annotation)
+# Router settings and the modes they apply to; `seed` applies to all.
+_APPLIES: dict[str, tuple[str, ...]] = {
+    "experts_per_token": tuple(m for m in MODES if m != "gateless"),
+    "std": ("noisy",),
+    "pooling": DATA_MODES,
+    "max_tokens": DATA_MODES,
+    "seq_len": DATA_MODES,
+    "train": ("trained",),
+}
+
+
+def parse_modes(value: str) -> list[str]:
+    """`gateless,noisy,...` -> the modes, in order; unknown or repeated names are user errors."""
+    modes = [m.strip() for m in value.split(",") if m.strip()]
+    if not modes:
+        raise ModeError("--router: give at least one mode")
+    for mode in modes:
+        if mode not in MODES:
+            raise ModeError(f"--router: {mode!r} is not a router mode ({', '.join(MODES)})")
+    if len(set(modes)) != len(modes):
+        raise ModeError(f"--router: a mode is given twice in {value!r}")
+    return modes
+
+
+def variant(loaded: LoadedRecipe, mode: str) -> LoadedRecipe:
+    """The recipe with router.mode set to `mode` and the router settings that do not apply dropped
+    (and, for modes that use no data, the experts' data settings).
+
+    Built from the recipe's own YAML, so everything else is exactly what the user wrote; paths
+    still resolve against the recipe's folder."""
+    data = yaml.safe_load(loaded.text)
+    router = {k: v for k, v in (data.get("router") or {}).items() if k != "mode" and mode in _APPLIES.get(k, MODES)}
+    data["router"] = {"mode": mode, **router}
+    if mode not in DATA_MODES:  # the built model's recipe should not claim text it was not made from
+        data["experts"] = [{k: v for k, v in e.items() if k not in ExpertData.model_fields}
+                           if isinstance(e, dict) else e for e in data.get("experts") or []]
+    text = yaml.safe_dump(data, sort_keys=False)
+    return LoadedRecipe(recipe=parse_recipe(data, f"{loaded.path} (router {mode})"), path=loaded.path, text=text)
+
+
+def plan_variants(recipe_path: Path, modes: list[str], out: Path, force: bool) -> dict[str, Plan]:
+    """Every variant planned and its OUT/<mode> checked, before any is built."""
+    loaded = load_recipe(recipe_path)
+    plans = {}
+    for mode in modes:
+        recipe = variant(loaded, mode)  # its errors name the recipe and the mode already
+        try:
+            plans[mode] = build_plan(recipe)
+        except ModeError as e:
+            raise ModeError(f"{recipe_path} (router {mode}): {e}") from None
+        if out.is_dir():
+            check_destination(out / mode, force, 0)
+    return plans
+
+
+def sweep(plans: dict[str, Plan], out: Path, data: dict[str, Path], *, ctx: int, max_tokens: int, batch_size: int,
+          device: str, force: bool, quiet: bool) -> dict[str, dict[str, DomainResult]]:
+    """Build every planned variant into OUT/<mode> and evaluate each on `data`: {mode: {domain: result}}.
+
+    The text is read first, with the base's tokenizer (which every variant carries), so a bad
+    --data or --ctx fails before anything is built."""
+    check_ctx(ctx)
+    streams = tokenize_domains(next(iter(plans.values())).inputs[BASE].path, data, max_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, DomainResult]] = {}
+    for mode, plan in plans.items():
+        if not quiet:
+            print(f"building {out / mode} ...", file=sys.stderr, flush=True)
+        write_model(plan, out / mode, force=force, device=device, quiet=quiet)
+        results[mode] = evaluate_streams(out / mode, streams, ctx=ctx, batch_size=batch_size,
+                                         device=parse_device(device))
+    return results
+
+
+def format_sweep(results: dict[str, dict[str, DomainResult]]) -> str:
+    """Perplexity, one row per domain and one column per variant; the best of each row marked *."""
+    modes = list(results)
+    domains = list(next(iter(results.values())))
+    width = max(len(d) for d in [*domains, "domain"])
+    col = max(10, *(len(m) + 1 for m in modes))
+    lines = [f"{'domain':<{width}}" + "".join(f"{m:>{col}}" for m in modes)]
+    for d in domains:
+        best = min(results[m][d].perplexity for m in modes)
+        cells = [f"{results[m][d].perplexity:.3f}" + ("*" if results[m][d].perplexity == best else " ") for m in modes]
+        lines.append(f"{d:<{width}}" + "".join(f"{c:>{col}}" for c in cells))
+    return "\n".join(lines)
