@@ -22,7 +22,6 @@ def texts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def swept(llama, texts, tmp_path_factory):
     """The llama experts swept over four modes from a trained-router recipe with its own settings."""
-    from mergekit_mode.cli import main
 
     root = tmp_path_factory.mktemp("sweep")
     recipe = write_recipe(root / "r.yml", llama.base, llama.experts, names=list(texts),
