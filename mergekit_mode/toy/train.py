@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .tokenizer import copy_tokenizer
@@ -141,8 +142,10 @@ def _train_and_save(
         optimizer,
         lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * min(s, steps) / steps)),
     )
-    for _, batch in zip(range(steps), batches):
+    bar = tqdm(zip(range(steps), batches), total=steps, desc=f"training {out_dir.name}", unit="step", leave=False)
+    for _, batch in bar:
         loss = model(input_ids=batch, labels=batch).loss
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
