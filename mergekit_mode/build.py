@@ -16,7 +16,7 @@ from mergekit_mode.executor import execute
 from mergekit_mode.plan import BASE, Plan, build_plan
 from mergekit_mode.recipe import load_recipe
 from mergekit_mode.routers import RouterContext, make_routers
-from mergekit_mode.writer import Entry, ShardedWriter, staged_output
+from mergekit_mode.writer import Entry, ShardedWriter, check_destination, staged_output
 
 RECIPE_FILE = "mergekit_mode_recipe.yml"
 
@@ -51,6 +51,7 @@ def write_model(plan: Plan, out: Path, *, force: bool = False, device: str = "cp
     """Build the plan's model into `out`. Either `out` ends complete, or it is left as it was."""
     dev = parse_device(device)
     _refuse_inputs_inside(plan, out)
+    check_destination(out, force, plan.total_bytes)  # before routers that may train for minutes
     routers = make_routers(plan, RouterContext(dev, quiet))
     entries = [Entry(t.name, t.shape, t.dtype) for t in plan.tensors]
     try:

@@ -196,3 +196,17 @@ def test_export_gguf_without_converter(llama, tmp_path, run_cli, monkeypatch):
     expect_error(run_cli("export-gguf", llama.base, "--outfile", tmp_path / "x.gguf"),
                  "convert_hf_to_gguf.py was not found", "LLAMA_CPP_CONVERTER", "setup-runtimes")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_destination_is_checked_before_routers_are_made(recipe, tmp_path, run_cli, monkeypatch):
+    """A trained router can take minutes: a refused output must not wait for it."""
+    from mergekit_mode import build
+
+    def no_routers(*args, **kwargs):
+        raise AssertionError("routers made before the destination was checked")
+
+    monkeypatch.setattr(build, "make_routers", no_routers)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    expect_error(run_cli(recipe, out, "-q"), "not empty")
