@@ -12,7 +12,7 @@ import torch
 
 from mergekit_mode.adapters import merge_lora
 from mergekit_mode.errors import ModeError
-from mergekit_mode.inputs import Prefetcher, TensorInfo, TensorReader
+from mergekit_mode.inputs import Prefetcher, TensorReader
 from mergekit_mode.numerics import all_finite
 from mergekit_mode.ops import Copy, LoraMerge, Mean, RouterWeights, Source, StemMerge
 from mergekit_mode.plan import OutputTensor, Plan
@@ -28,11 +28,8 @@ class _Inputs:
     def __init__(self, plan: Plan, reader: Prefetcher, device: torch.device) -> None:
         self.plan, self.reader, self.device = plan, reader, device
 
-    def info(self, source: Source) -> TensorInfo:
-        return self.plan.inputs[source.model].tensors[source.tensor]
-
     def read(self, source: Source) -> torch.Tensor:
-        return self.reader.read(self.info(source))
+        return self.reader.read(self.plan.info(source))
 
     def float(self, source: Source) -> torch.Tensor:
         return self.read(source).to(self.device, torch.float32)
@@ -61,20 +58,20 @@ class _Inputs:
 
 def compute(item: OutputTensor, inputs: _Inputs, routers: list[torch.Tensor]) -> torch.Tensor:
     op = item.op
+    where = f"{item.name} ({op})"
     if isinstance(op, Copy):
-        info = inputs.info(op.source)
         tensor = inputs.read(op.source)
-        if tensor.dtype != item.dtype:
-            tensor = tensor.to(inputs.device).to(item.dtype)
-            if not all_finite(tensor):
-                raise ModeError(f"{info.file}: tensor {info.name} overflows {item.dtype} (values beyond its range)")
-        return tensor
-    if isinstance(op, RouterWeights):
+        if tensor.dtype == item.dtype:
+            return tensor  # the reader checked it as it streamed
+        info = inputs.plan.info(op.source)
+        tensor, where = tensor.to(inputs.device), f"{info.file}: tensor {info.name}"
+        error = f"{where}: contains NaN or Inf"
+    elif isinstance(op, RouterWeights):
         tensor, error = routers[op.layer], f"router of layer {op.layer}: contains NaN or Inf"
     elif isinstance(op, LoraMerge):
-        tensor, error = inputs.merged(op), f"{item.name} ({op}): contains NaN or Inf"
+        tensor, error = inputs.merged(op), f"{where}: contains NaN or Inf"
     elif isinstance(op, Mean):
-        tensor, error = inputs.mean(op), f"{item.name} ({op}): contains NaN or Inf"
+        tensor, error = inputs.mean(op), f"{where}: contains NaN or Inf"
     elif isinstance(op, StemMerge):
         from mergekit_mode.stem import merge  # mergekit: only for recipes with a stem merge
 
@@ -85,7 +82,7 @@ def compute(item: OutputTensor, inputs: _Inputs, routers: list[torch.Tensor]) ->
     cast = tensor.to(item.dtype)
     if not all_finite(cast):  # after the cast: a value beyond float16's range is Inf there
         if all_finite(tensor):
-            error = f"{item.name} ({op}): overflows {item.dtype} (values beyond its range)"
+            error = f"{where}: overflows {item.dtype} (values beyond its range)"
         raise ModeError(error)
     return cast
 

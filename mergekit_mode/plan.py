@@ -21,7 +21,7 @@ from mergekit_mode.experts import (Expert, Input, adapter_warnings, check_tied_l
                                    model_key, shared_op, stem_op)
 from mergekit_mode.formats import mixtral
 from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder, TensorInfo
-from mergekit_mode.ops import BASE, Op, RouterWeights
+from mergekit_mode.ops import BASE, Op, RouterWeights, Source
 from mergekit_mode.recipe import DATA_MODES, LoadedRecipe
 
 if TYPE_CHECKING:  # mergekit (stem merges) is imported only by recipes that merge the stem
@@ -52,9 +52,13 @@ class Plan:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    def info(self, source: Source) -> TensorInfo:
+        """Where an op's source tensor lives."""
+        return self.inputs[source.model].tensors[source.tensor]
+
     def reads(self) -> list[TensorInfo]:
         """Every input tensor the plan reads, in the order the executor asks for them."""
-        return [self.inputs[s.model].tensors[s.tensor] for t in self.tensors for s in t.op.sources]
+        return [self.info(s) for t in self.tensors for s in t.op.sources]
 
     def describe(self) -> str:
         """The plan as text: one line per output tensor, then a summary (what --dry-run prints)."""
