@@ -40,3 +40,10 @@ def test_console_script_runs_the_default_command(llama, tmp_path):
     assert (tmp_path / "out" / "config.json").exists()
     bad = subprocess.run([*exe, str(tmp_path / "none.yml"), str(tmp_path / "o2")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_demo_refuses_a_non_empty_folder(tmp_path, run_cli):
+    (tmp_path / "keep.txt").write_text("mine")
+    result = run_cli("demo", tmp_path)
+    assert result.code == 2 and "not empty" in result.err and "--force" in result.err
+    assert (tmp_path / "keep.txt").read_text() == "mine"
