@@ -133,12 +133,13 @@ def _eval_options(command):
     return click.argument("model", type=click.Path(path_type=Path))(_data_options(command))
 
 
-def _run_eval(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str):
+def _run_eval(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str,
+              own_weight: bool = False, oracle: str | None = None):
     from mergekit_mode.build import parse_device
     from mergekit_mode.evaluate import evaluate, parse_data
 
     return evaluate(model, parse_data(data), ctx=ctx, batch_size=batch_size, max_tokens=max_tokens,
-                    device=parse_device(device))
+                    device=parse_device(device), own_weight=own_weight, oracle=oracle)
 
 
 def _names(model: Path, results) -> list[str]:
@@ -151,19 +152,31 @@ def _names(model: Path, results) -> list[str]:
 
 @cli.command("eval")
 @_eval_options
-@click.option("--json", "as_json", is_flag=True, help='Print {"domains": {NAME: {perplexity, tokens, routing}}}.')
+@click.option("--own-weight", is_flag=True,
+              help="MoE: for each domain named like an expert, the weight its tokens give that expert, per layer.")
+@click.option("--oracle-routing", type=click.Choice(["top1", "topk"]), default=None,
+              help="MoE: route every token of a domain by its name: top1 = that expert alone (the dense oracle), "
+                   "topk = that expert plus the router's best others, with the router's weights.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"domains": {NAME: {perplexity, tokens, routing, own_weight}}}.')
 def eval_command(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str,
-                 as_json: bool) -> None:
+                 own_weight: bool, oracle_routing: str | None, as_json: bool) -> None:
     """Perplexity per domain of MODEL (any causal LM folder) and, for MoE models, the share of
     tokens each expert receives per layer.
 
     Perplexity is token-weighted over non-overlapping windows of --ctx tokens of each domain's
     text (the first token of each window is context only). Routing is the share of the tokens
     that have each expert among their top-k; each layer's shares sum to k.
+
+    When a --data NAME is an expert's name (the names of the recipe MODEL was built from), the
+    domain has a right answer: --own-weight reports the weight its tokens give that expert (mean,
+    share not choosing it, spread), and --oracle-routing measures the MoE with routing forced to
+    it. Perplexity with the router, with topk and with top1 oracle routing splits the loss to the
+    expert into misrouting (router -> topk) and soft mixing (topk -> top1).
     """
     from mergekit_mode.evaluate import format_table, to_json
 
-    results = _run_eval(model, data, ctx, max_tokens, batch_size, device)
+    results = _run_eval(model, data, ctx, max_tokens, batch_size, device, own_weight, oracle_routing)
     click.echo(json.dumps(to_json(results)) if as_json else format_table(results, _names(model, results)))
 
 
