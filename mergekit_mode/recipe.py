@@ -15,6 +15,9 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mergekit_mode.errors import ModeError
+from mergekit_mode.router_modes import DATA_MODES, ModeName, TrainSpec, mode_help
+
+__all__ = ["DATA_MODES", "TrainSpec"]  # defined with the router modes, used with the recipe
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40}
@@ -115,44 +118,10 @@ SharedDeltas = Annotated[Union[Literal["average", "drop"], FromExpert], _policy(
 Embeddings = Annotated[Union[Literal["base"], FromExpert], _policy(("base",))]
 
 
-DATA_MODES = ("hidden", "trained")
-
-
-class TrainSpec(_Strict):
-    """router.train: training only the router weights on the experts' data (everything else frozen)."""
-
-    objective: Literal["domain", "lm"] = Field(
-        "domain", description="domain: each layer's router learns to pick the expert whose data a token came from "
-        "(cross-entropy on that layer's router inputs, layer by layer; cheap). lm: next-token loss of the whole MoE "
-        "plus Mixtral's load-balancing loss (holds the whole MoE in memory: small models or a GPU).",
-    )
-    init: Literal["hidden", "zeros", "domain"] = Field(
-        "hidden", description="Start from the hidden-mode routers, from zeros, or (objective lm) from routers first "
-        "trained with objective domain from the hidden ones (a domain-classifier init).",
-    )
-    steps: int = Field(300, ge=1, description="Optimizer steps (per layer for objective domain).")
-    lr: float = Field(3e-3, gt=0, description="Adam learning rate.")
-    batch_size: int = Field(8, ge=1, description="Sequences of seq_len tokens per step.")
-    held_out: float = Field(0.1, ge=0, lt=1, description="Share of each expert's documents kept out of training "
-                            "and used to report routing accuracy per layer.")
-
-    @model_validator(mode="after")
-    def _domain_init_for_lm(self) -> "TrainSpec":
-        if self.init == "domain" and self.objective != "lm":
-            raise ValueError("init domain applies to objective lm (objective domain starts from hidden or zeros)")
-        return self
-
-
 class RouterSpec(_Strict):
     """How each layer's router (block_sparse_moe.gate) is made."""
 
-    mode: Literal["gateless", "noisy", "random", "hidden", "trained"] = Field(
-        "gateless",
-        description="gateless: zero router, every expert on every token with weight 1/E. "
-        "noisy: normal(0, std) router with top-k. random: standard normal router (mergekit's 'random'). "
-        "hidden: rows are the base's pooled router inputs on each expert's data (mergekit's hidden / hidden_avg, "
-        "taken at the real router input). trained: rows trained on the experts' data (router.train).",
-    )
+    mode: ModeName = Field("gateless", description=mode_help())
     experts_per_token: Optional[int] = Field(
         None, ge=1, description="top-k for noisy/random (default 2); gateless always uses all experts."
     )
