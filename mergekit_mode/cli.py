@@ -258,15 +258,21 @@ def export_gguf(model: Path, outtype: str, outfile: Path | None, force: bool) ->
 @click.option("--router", "routers", default="gateless,noisy,hidden,trained", show_default=True,
               help="Comma-separated router modes; each is built into OUT/<mode>.")
 @_data_options
+@click.option("--own-weight", is_flag=True,
+              help="Also print the mean weight each domain's tokens give the expert of the same name.")
 @click.option("--force", is_flag=True, help="Replace OUT/<mode> folders that exist and are not empty.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def sweep(recipe: Path, out: Path, routers: str, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int,
-          device: str, force: bool, quiet: bool) -> None:
+          device: str, own_weight: bool, force: bool, quiet: bool) -> None:
     """Build RECIPE once per router mode into OUT/<mode>/ and print their perplexity side by side.
 
     The recipe's router block is replaced by each mode, keeping its settings where they apply (top-k,
     seed, std, pooling, data limits, train). Every variant is planned before any is built; the --data
     text is tokenized once. Table: one row per domain, one column per mode, the best marked *.
+
+    Name each --data after the expert of its domain (NAME = the expert's name in the recipe) to
+    compare with the target: that expert is scored too, and a second table gives each mode's
+    ratio to it (! above 1.05, the margin docs/quality.md measures the defaults against).
     """
     from mergekit_mode.evaluate import parse_data
     from mergekit_mode.sweep import format_sweep, parse_modes, plan_variants, sweep as run_sweep
@@ -277,7 +283,7 @@ def sweep(recipe: Path, out: Path, routers: str, data: tuple[str, ...], ctx: int
         for warning in plan.warnings:
             click.echo(f"warning: {mode}: {warning}", err=True)
     results = run_sweep(plans, out, domains, ctx=ctx, max_tokens=max_tokens, batch_size=batch_size, device=device,
-                        force=force, quiet=quiet)
+                        force=force, quiet=quiet, own_weight=own_weight)
     click.echo(format_sweep(results))
 
 
