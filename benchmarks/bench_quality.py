@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from fixtures import DEVELOPMENT, FIXTURES, Fixture
 from mergekit_mode.cli import main as cli
 from mergekit_mode.domain_routing import BINS, router_modules
-from mergekit_mode.evaluate import evaluate_domain, load_model, tokenize_domains
+from mergekit_mode.evaluate import evaluate_domain, load_model, tokenize_domains, windows
 from mergekit_mode.formats import mixtral
 from mergekit_mode.toy import DomainSuite, finetune
 
@@ -107,6 +107,7 @@ class Run:
     oracle_topk: dict[str, dict[str, float]] = field(default_factory=dict)  # trained variant -> domain -> ppl
     own_weight: dict[str, dict[str, dict]] = field(default_factory=dict)  # trained variant -> domain -> OwnWeight
     seconds: dict[str, float] = field(default_factory=dict)
+    positions: dict[str, list[float]] = field(default_factory=dict)  # domain -> position_gap of the default router
 
     @property
     def domains(self) -> list[str]:
@@ -141,6 +142,7 @@ class Run:
             rewrite(moe, folder, lambda name, t: t * scale if name in routers else t)
             self.rows[f"{DEFAULT}, router rows x{scale:g}"] = perplexities(folder, self.suite.eval_texts)
             shutil.rmtree(folder)
+        self.positions = {d: position_gap(moe, self.experts[d], p) for d, p in self.suite.eval_texts.items()}
         self.rows[FALLBACK] = probe_fallback(moe, self.suite.base_dir, self.root / "moe" / "fallback",
                                              self.suite.eval_texts)
 
@@ -153,11 +155,19 @@ class Run:
         } | ({"stem": stem} if stem else {})
         folder = self.root / "moe" / slug(name)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        recipe_file = folder.with_suffix(".yml")
-        recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        recipe_file, stamp = folder.with_suffix(".yml"), folder.with_suffix(".seconds")
+        text = yaml.safe_dump(recipe, sort_keys=False)
+        # A build of the same recipe left in the workdir by an earlier run is reused (builds are
+        # deterministic); its build time is the one that run measured.
+        if recipe_file.is_file() and recipe_file.read_text() == text and stamp.is_file() and \
+                (folder / "config.json").is_file():
+            self.seconds[name] = float(stamp.read_text())
+            return folder
+        recipe_file.write_text(text)
         start = time.perf_counter()
         run_cli(recipe_file, folder, "-q", "--force")
         self.seconds[name] = time.perf_counter() - start
+        stamp.write_text(f"{self.seconds[name]:.1f}")
         return folder
 
     def ratio(self, row: str, domain: str, ref: str = "own expert") -> float:
@@ -168,6 +178,15 @@ class Run:
 
     def missed(self, row: str, ref: str = "own expert") -> list[str]:
         return [d for d in self.domains if self.ratio(row, d, ref) > MARGIN]
+
+
+def full_finetune(base: Path, out: Path, text: Path, steps: int) -> Path:
+    """Every weight fine-tuned; one finished earlier in the workdir with the same steps is reused."""
+    stamp = out / "finetune_steps"
+    if not (stamp.is_file() and stamp.read_text() == str(steps)):
+        finetune(base, out, text.read_text("utf-8"), steps, mlp_only=False, num_threads=1)
+        stamp.write_text(str(steps))
+    return out
 
 
 def rewrite(src: Path, dst: Path, change, extra: dict[str, torch.Tensor] | None = None,
@@ -219,6 +238,27 @@ def probe_fallback(moe: Path, base: Path, folder: Path, held: dict[str, Path]) -
     return result
 
 
+EARLY = 16  # tokens at the start of a window, before its context shows the domain
+
+
+def position_gap(moe: Path, expert: Path, text: Path, ctx: int = 128) -> list[float]:
+    """[MoE/expert perplexity over a window's first EARLY predicted tokens, the same over the rest,
+    share of the MoE's excess loss that falls on the first EARLY]: is the gap at the start of each
+    window (no context to tell the domain from yet) or everywhere? Full windows of ctx tokens, as eval."""
+    nll = []
+    for model_dir in (moe, expert):
+        ids = tokenize_domains(model_dir, {"d": text})["d"]
+        rows = torch.tensor([w for w in windows(ids, ctx) if len(w) == ctx])
+        model = load_model(model_dir, torch.device("cpu"))
+        with torch.no_grad():
+            nll.append(torch.cat([
+                torch.nn.functional.cross_entropy(model(input_ids=b).logits[:, :-1].transpose(1, 2).float(),
+                                                  b[:, 1:], reduction="none") for b in rows.split(8)]))
+    excess = nll[0] - nll[1]  # windows x positions
+    early, late = excess[:, :EARLY], excess[:, EARLY:]
+    return [float(early.mean().exp()), float(late.mean().exp()), float(early.sum() / excess.sum())]
+
+
 def table(run: Run, rows: list[str], ref: str | None = None) -> list[str]:
     """Markdown table of perplexities, or of ratios to the row `ref`."""
     lines = ["| model | " + " | ".join(run.domains) + " |", "|---" * (len(run.domains) + 1) + "|"]
@@ -251,6 +291,17 @@ def analysis(run: Run) -> list[str]:
                          f"{run.oracle_topk[name][d] / run.rows['own expert'][d]:.3f} | "
                          f"{run.ratio('oracle top-1', d):.3f} | {mean:.3f} ({low:.3f}) | {zero:.3f} | {below:.3f} |")
     return lines
+
+
+def position_table(run: Run) -> list[str]:
+    if not run.positions:
+        return []
+    lines = [f"Where in the window the default router loses (MoE/expert perplexity on the first {EARLY} predicted "
+             f"tokens of each 128-token window, on the rest, and the share of the MoE's excess loss on the first "
+             f"{EARLY}, which are {EARLY / 127:.0%} of the tokens):", "",
+             f"| domain | first {EARLY} | rest | share of the excess on the first {EARLY} |", "|---|---|---|---|"]
+    lines += [f"| {d} | {early:.3f} | {late:.3f} | {share:.0%} |" for d, (early, late, share) in run.positions.items()]
+    return lines + [""]
 
 
 def targets(run: Run) -> list[str]:
@@ -292,6 +343,9 @@ def summary(runs: list[tuple[Fixture, Run]]) -> list[str]:
         cells = [f"{r.worst(name):.3f}" + ("" if not r.missed(name) else f" ({len(r.missed(name))} missed)")
                  for _, r in runs]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if all(r.positions for _, r in runs):  # the default router once a window has context (position_gap)
+        cells = [f"{max(late for _, late, _ in r.positions.values()):.3f}" for _, r in runs]
+        lines.append(f"| {DEFAULT}, tokens after the first {EARLY} of each window | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -299,14 +353,15 @@ def model_rows(run: Run) -> list[str]:
     return [r for r in run.rows if not r.endswith("off-domain")]
 
 
-def report(runs: list[tuple[Fixture, Run]], full: Run | None, setup: str, timings: list[str]) -> str:
+def report(runs: list[tuple[Fixture, Run]], full: Run | None, setup: str, timings: list[str], findings: str) -> str:
     dev = [f.name for f, _ in runs if f.role == DEVELOPMENT]
     out = ["# Quality: the mixture against its experts, on domains nobody tuned for", "", setup, "",
            "| fixture | role | what | domains |", "|---|---|---|---|"]
     out += [f"| {f.name} | {f.role} | {f.about} | {', '.join(f.domains)} |" for f, _ in runs]
     out += ["", f"Router defaults were chosen on **{', '.join(dev) or 'no'}** (the development fixture) only; the "
             "held-out fixtures were not used to choose anything.", "",
-            "## Summary: worst ratio to the domain's own expert (target <= 1.05)", "", *summary(runs), ""]
+            "## Summary: worst ratio to the domain's own expert (target <= 1.05)", "", *summary(runs), "",
+            findings, ""]
     for fixture, run in runs:
         models = [r for r in model_rows(run) if r not in ("base", "own expert", "oracle top-1")]
         out += [f"## {fixture.name} ({fixture.role})", "", "Perplexity on held-out text (lower is better):", "",
@@ -316,7 +371,7 @@ def report(runs: list[tuple[Fixture, Run]], full: Run | None, setup: str, timing
                 "built, `oracle top-k` the same MoE with the domain's expert forced among the top k at the router's "
                 "weights (what remains is soft mixing), `oracle top-1` the domain's expert alone. Own weight: the "
                 "weight each token gives its domain's expert (0 when not among the top k), over layers.", "",
-                *analysis(run), "", "Targets:", "", *targets(run), ""]
+                *analysis(run), "", *position_table(run), "Targets:", "", *targets(run), ""]
     if full is not None:
         models = [r for r in model_rows(full) if r not in ("base", "own expert", "oracle top-1")]
         out += ["## Full fine-tunes (development fixture)", "",
@@ -338,14 +393,14 @@ def plot(runs: list[tuple[Fixture, Run]], path: Path, top: float = 2.0) -> None:
 
     fig, axes = plt.subplots(len(runs), 2, figsize=(19, 4.8 * len(runs)), squeeze=False,
                              gridspec_kw={"width_ratios": [3, 1]})
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab20")
     for (ax, hist_ax), (fixture, run) in zip(axes, runs):
         models = [r for r in model_rows(run) if r not in ("own expert", "oracle top-1")]
         width = 0.85 / len(models)
         for i, model in enumerate(models):
             ratios = [run.ratio(model, d) for d in run.domains]
             xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(run.domains))]
-            ax.bar(xs, [min(r, top) for r in ratios], width, label=model, color=cmap(i % 10))
+            ax.bar(xs, [min(r, top) for r in ratios], width, label=model, color=cmap(i % 20))
             for x, r in zip(xs, ratios):
                 if r > top:
                     ax.text(x, top, f"{r:.1f}", rotation=90, ha="center", va="top", fontsize=7, color="white")
@@ -372,7 +427,7 @@ def plot(runs: list[tuple[Fixture, Run]], path: Path, top: float = 2.0) -> None:
 def to_json(runs: list[tuple[Fixture, Run]], full: Run | None, timings: list[str]) -> dict:
     def numbers(run: Run) -> dict:
         return {"domains": run.domains, "perplexity": run.rows, "oracle_topk": run.oracle_topk,
-                "own_weight": run.own_weight, "build_seconds": run.seconds}
+                "own_weight": run.own_weight, "build_seconds": run.seconds, "positions": run.positions}
 
     out = {"defaults_chosen_on": [f.name for f, _ in runs if f.role == DEVELOPMENT],
            "fixtures": {f.name: {"role": f.role, "about": f.about, **numbers(r)} for f, r in runs},
@@ -382,15 +437,21 @@ def to_json(runs: list[tuple[Fixture, Run]], full: Run | None, timings: list[str
     return out
 
 
-def from_json(data: dict) -> tuple[list[tuple[Fixture, Run]], Run | None, list[str]]:
-    """The runs of a report's JSON, to render it again (--rerender) without measuring."""
+def from_json(*files: Path) -> tuple[list[tuple[Fixture, Run]], Run | None, list[str]]:
+    """The runs of one or more reports' JSON (fixtures measured in separate runs), to render them
+    as one report (--rerender) without measuring."""
     def run(label: str, numbers: dict) -> Run:
         return Run(label, Path(), None, dict.fromkeys(numbers["domains"]), numbers["perplexity"],  # type: ignore
-                   numbers["oracle_topk"], numbers["own_weight"], numbers["build_seconds"])
+                   numbers["oracle_topk"], numbers["own_weight"], numbers["build_seconds"],
+                   numbers.get("positions", {}))
 
-    runs = [(FIXTURES[name], run(name, numbers)) for name, numbers in data["fixtures"].items()]
-    full = run("full fine-tunes", data["full_finetunes"]) if "full_finetunes" in data else None
-    return runs, full, data["timings"]
+    runs, full, timings = [], None, []
+    for data in (json.loads(f.read_text()) for f in files):
+        runs += [(FIXTURES[name], run(name, numbers)) for name, numbers in data["fixtures"].items()]
+        full = run("full fine-tunes", data["full_finetunes"]) if "full_finetunes" in data else full
+        timings += data["timings"]
+    order = list(FIXTURES)
+    return sorted(runs, key=lambda fr: order.index(fr[0].name)), full, timings
 
 
 SETUP = (
@@ -402,8 +463,18 @@ SETUP = (
     f"Target: within {MARGIN - 1:.0%} of the domain's own expert, perplexity <= {MARGIN} x the expert's.")
 
 
+FINDINGS = ("<!-- findings: written by hand, kept when the report is written again -->", "<!-- /findings -->")
+
+
+def kept_findings(md: Path) -> str:
+    """The hand-written reading of the numbers from the report being replaced (between FINDINGS)."""
+    text = md.read_text() if md.is_file() else ""
+    start, end = text.find(FINDINGS[0]), text.find(FINDINGS[1])
+    return text[start:end + len(FINDINGS[1])] if 0 <= start < end else "\n".join(FINDINGS)
+
+
 def write(runs: list[tuple[Fixture, Run]], full: Run | None, timings: list[str], md: Path, png: Path) -> None:
-    md.write_text(report(runs, full, SETUP, timings))
+    md.write_text(report(runs, full, SETUP, timings, kept_findings(md)))
     md.with_suffix(".json").write_text(json.dumps(to_json(runs, full, timings), indent=1) + "\n")
     plot(runs, png)
 
@@ -421,10 +492,12 @@ def main() -> None:
     ap.add_argument("--md", type=Path, default=Path("docs/quality.md"),
                     help="the report; its numbers go beside it (.json)")
     ap.add_argument("--png", type=Path, default=Path("docs/quality.png"))
-    ap.add_argument("--rerender", action="store_true", help="write the report again from its JSON (no measuring)")
+    ap.add_argument("--rerender", nargs="*", type=Path, metavar="JSON",
+                    help="write the report from the JSON of earlier runs (default: --md's), no measuring: "
+                         "fixtures measured in separate runs become one report")
     args = ap.parse_args()
-    if args.rerender:
-        write(*from_json(json.loads(args.md.with_suffix(".json").read_text())), args.md, args.png)
+    if args.rerender is not None:
+        write(*from_json(*(args.rerender or [args.md.with_suffix(".json")])), args.md, args.png)
         return
     # One thread: on a shared 2-core machine two threads spin on each other (see toy.train.torch_threads).
     torch.set_num_threads(1)
@@ -449,8 +522,7 @@ def main() -> None:
         runs.append((fixture, run))
         if fixture.role == DEVELOPMENT and not args.no_full:
             start = time.perf_counter()
-            experts = {d: finetune(suite.base_dir, work / "runs" / "full" / "experts" / d, p.read_text("utf-8"),
-                                   args.finetune_steps, mlp_only=False, num_threads=1)
+            experts = {d: full_finetune(suite.base_dir, work / "runs" / "full" / "experts" / d, p, args.finetune_steps)
                        for d, p in suite.train_texts.items()}
             full = Run(f"{name}, full fine-tunes", work / "runs" / "full", suite, experts)
             full.measure(FULL_VARIANTS, probes=False)
