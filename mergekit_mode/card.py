@@ -90,11 +90,11 @@ tags:
 - mergekit
 - mergekit-mode
 - moe
-- mixtral
+- {plan.format.name}
 ---
 # Mixture of Domain Experts
 
-A Mixtral-format Mixture-of-Experts built by [mergekit-mode](https://pypi.org/project/mergekit-mode/)
+A {plan.format.title}-format Mixture-of-Experts built by [mergekit-mode](https://pypi.org/project/mergekit-mode/)
 {__version__}. The base model `{recipe.base_model}` gives the tokenizer and, unless the recipe's
 `stem:` merges them, attention, embeddings and norms; each expert brings its MLP.
 
@@ -104,7 +104,7 @@ A Mixtral-format Mixture-of-Experts built by [mergekit-mode](https://pypi.org/pr
 
 - Shared tensors (embeddings, attention, norms, lm_head): {stem_text(recipe)}.
 - Router `{recipe.router.mode}`: {ROUTER_TEXT[recipe.router.mode]} (seed {recipe.router.seed}).
-- {cfg['num_local_experts']} experts, {cfg['num_experts_per_tok']} per token, {cfg['num_hidden_layers']} layers,
+- {plan.num_experts} experts, {plan.top_k} per token, {cfg['num_hidden_layers']} layers,
   dtype {cfg['dtype']}, base architecture `{plan.inputs[BASE].model_type}`.
 {adapters}
 Loads with no custom code:

@@ -15,7 +15,7 @@ import click
 from mergekit_mode import __version__
 from mergekit_mode.errors import ModeError
 
-MAIN_HELP = """Build a Mixture-of-Domain-Experts model in the canonical Mixtral format.
+MAIN_HELP = """Build a Mixture-of-Domain-Experts model in a standard MoE format.
 
 \b
     mergekit-mode RECIPE.yml OUT/     build the model described by RECIPE into OUT/
@@ -99,8 +99,7 @@ def validate(recipes: tuple[Path, ...]) -> None:
             failed += 1
             continue
         _warn(plan)
-        cfg = plan.config
-        click.echo(f"ok: {path} ({cfg['num_local_experts']} experts, top-{cfg['num_experts_per_tok']}, "
+        click.echo(f"ok: {path} ({plan.format.architecture}, {plan.num_experts} experts, top-{plan.top_k}, "
                    f"{len(plan.tensors)} tensors, {plan.total_bytes / 1e9:.2f} GB)")
     if failed:
         sys.exit(2)

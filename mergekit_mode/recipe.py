@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mergekit_mode.errors import ModeError
+from mergekit_mode.formats import NAMES as FORMAT_NAMES, defaults as format_defaults
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40}
@@ -124,7 +125,7 @@ class TrainSpec(_Strict):
     objective: Literal["domain", "lm"] = Field(
         "domain", description="domain: each layer's router learns to pick the expert whose data a token came from "
         "(cross-entropy on that layer's router inputs, layer by layer; cheap). lm: next-token loss of the whole MoE "
-        "plus Mixtral's load-balancing loss (holds the whole MoE in memory: small models or a GPU).",
+        "plus the output format's load-balancing loss (holds the whole MoE in memory: small models or a GPU).",
     )
     init: Literal["hidden", "zeros", "domain"] = Field(
         "hidden", description="Start from the hidden-mode routers, from zeros, or (objective lm) from routers first "
@@ -144,7 +145,7 @@ class TrainSpec(_Strict):
 
 
 class RouterSpec(_Strict):
-    """How each layer's router (block_sparse_moe.gate) is made."""
+    """How each layer's router (one row per expert) is made."""
 
     mode: Literal["gateless", "noisy", "random", "hidden", "trained"] = Field(
         "gateless",
@@ -232,6 +233,9 @@ def _stem_schema(schema: dict) -> None:
 
 
 class OutputSpec(_Strict):
+    architecture: Optional[Literal[FORMAT_NAMES]] = Field(
+        None, description=f"The output format (its model_type); default: the base family's ({format_defaults()}). "
+        "`mergekit-mode validate` names the one chosen.")
     shard_size: ByteSize = Field(parse_size("2GB"), description="Largest safetensors shard, e.g. 2GB or 500MB.")
 
 
@@ -250,7 +254,7 @@ class Recipe(_Strict):
     shared_deltas: SharedDeltas = Field(
         "average",
         description="With stem: base, what adapters' changes outside the MLP (attention, norms) become, as "
-        "Mixtral shares them: "
+        "the output's experts share them: "
         "average: the base plus the mean of the adapter experts' changes (an adapter that leaves a tensor alone "
         "counts as a zero change; full fine-tunes give only their MLP); drop: the base's; "
         "{from: <expert>}: that expert's tensors.",
@@ -258,7 +262,7 @@ class Recipe(_Strict):
     embeddings: Optional[Embeddings] = Field(
         None,
         description="With stem: base, needed when an adapter changes embed_tokens or lm_head (LoRA target or "
-        "modules_to_save), which Mixtral shares: base: keep the base's; {from: <expert>}: that expert's.",
+        "modules_to_save), which the experts share: base: keep the base's; {from: <expert>}: that expert's.",
     )
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ Two objectives:
   layer l's router sees the router inputs that layer l of the finished model will see (its
   earlier layers already route with their trained routers), not the dense base's. Cheap: a
   layer and the activations in memory, a few hundred small Adam steps per layer.
-- lm: the whole MoE (transformers' MixtralForCausalLM) with the next-token loss plus Mixtral's
+- lm: the whole MoE (the output format's transformers class) with the next-token loss plus its
   load-balancing loss, gradients into the router weights only. It holds the whole model, so it
   is for small models or a GPU. CONTEXT.md measured that domain accuracy alone (85-97% per layer)
   can still cost perplexity when experts are poor outside their domain; this objective trains
@@ -31,7 +31,7 @@ from tqdm import tqdm
 from mergekit_mode.calibration import ExpertTexts, Sequence
 from mergekit_mode.executor import execute
 from mergekit_mode.inputs import TensorReader
-from mergekit_mode.layerwise import Batch, LayerStream, MoeMlp, PlanWeights, make_batches
+from mergekit_mode.layerwise import Batch, LayerStream, PlanWeights, make_batches
 from mergekit_mode.plan import BASE, Plan
 from mergekit_mode.recipe import TrainSpec
 from mergekit_mode.routers import STREAM_BATCH, RouterContext
@@ -75,7 +75,7 @@ def train_domain(
     layer runs twice (its outputs depend on the router being fitted), a small price next to
     loading the whole MoE."""
     spec = plan.recipe.recipe.router.training
-    top_k = int(plan.config["num_experts_per_tok"])
+    top_k = plan.top_k
     train_seqs, train_labels = _labelled(texts, held_out=False)
     held_seqs, held_labels = _labelled(texts, held_out=True)
     batches = make_batches(train_seqs + held_seqs, STREAM_BATCH)
@@ -89,7 +89,7 @@ def train_domain(
         stream = LayerStream(plan.inputs[BASE], PlanWeights(plan, reader, ctx.device), batches, ctx.device)
         hidden = stream.embed()
         for index in range(stream.num_layers):
-            moe = MoeMlp(init[index].clone(), [stream.expert_mlp(index, e) for e in range(len(init[index]))], top_k)
+            moe = stream.moe(plan, index, init[index].clone())
             layer = stream.decoder_layer(index, moe)
             _, router_inputs = stream.run(layer, hidden)
             x = torch.cat([b.real(r) for r, b in zip(router_inputs, batches)])
@@ -134,15 +134,13 @@ def _fit(x: torch.Tensor, y: torch.Tensor, init: torch.Tensor, spec: TrainSpec, 
 def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx: RouterContext) -> list[torch.Tensor]:
     """Next-token loss plus load balancing of the whole MoE (built with the init routers in a
     temporary folder and loaded by transformers), Adam on the router weights only."""
-    from transformers import MixtralForCausalLM
-
     spec = plan.recipe.recipe.router.training
-    top_k = int(plan.config["num_experts_per_tok"])
+    top_k = plan.top_k
     with tempfile.TemporaryDirectory(prefix="mergekit-mode-lm-") as tmp:
         _write_moe(plan, init, Path(tmp), ctx.device)
-        model = MixtralForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(ctx.device).eval()
+        model = plan.format.model_class().from_pretrained(tmp, dtype=torch.float32).to(ctx.device).eval()
     model.requires_grad_(False)
-    gates = [layer.mlp.gate.weight for layer in model.model.layers]
+    gates = [layer.get_parameter(plan.format.router_parameter) for layer in model.model.layers]
     for gate in gates:
         gate.requires_grad_(True)
     opt = torch.optim.Adam(gates, lr=spec.lr)

@@ -36,7 +36,7 @@ RouterFn = Callable[[Plan, RouterContext], list[torch.Tensor]]
 
 def _shape(plan: Plan) -> tuple[int, int, int]:
     cfg = plan.config
-    return int(cfg["num_hidden_layers"]), int(cfg["num_local_experts"]), int(cfg["hidden_size"])
+    return int(cfg["num_hidden_layers"]), plan.num_experts, int(cfg["hidden_size"])
 
 
 def gateless(plan: Plan, ctx: RouterContext) -> list[torch.Tensor]:

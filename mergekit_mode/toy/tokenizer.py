@@ -1,7 +1,7 @@
 """An offline sentencepiece tokenizer laid out like a Hugging Face Llama model folder.
 
 Why sentencepiece and not a tokenizers BPE: llama.cpp's ``convert_hf_to_gguf.py`` reads
-``tokenizer.model`` first for Llama/Mistral/Mixtral, while a byte-level BPE ``tokenizer.json``
+``tokenizer.model`` first for Llama, Mistral and their MoE outputs, while a byte-level BPE ``tokenizer.json``
 is identified by a hash of its pre-tokenizer and an unknown hash is rejected. The trainer
 options mirror Llama's own tokenizer (BPE, byte fallback, digits split, identity
 normalisation), so the same files load in transformers, llama.cpp and vLLM.
