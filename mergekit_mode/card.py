@@ -71,6 +71,24 @@ def stem_text(recipe: Recipe) -> str:
             f"(base: {stem.base or 'none'}; seed {stem.seed}), parameters `{json.dumps(spec.parameters)}`{per_model}")
 
 
+def format_text(plan: Plan) -> str:
+    """What the format adds to the router's choice: nothing for Mixtral-like blocks; the weights left
+    unscaled and the shared expert where the format has them (one line each, ending in a newline)."""
+    lines = []
+    if not plan.format.renormalise and plan.top_k < plan.num_experts:
+        lines.append(f"- The {plan.top_k} chosen experts keep their softmax weights over all {plan.num_experts} "
+                     f"(not rescaled to sum to 1: {plan.format.title} as llama.cpp runs it).")
+    if plan.shared is not None:
+        policy = plan.recipe.recipe.shared_expert
+        what = (f"expert `{policy.from_}`'s MLP" if isinstance(policy, FromExpert) else
+                "the base's MLP" if policy == "base" else "unused (all zeros), so the block is the routed mixture")
+        router = plan.recipe.recipe.router
+        gate = ("its gate trained with the routers" if router.mode == "trained" and router.training.objective == "lm"
+                else "its gate near zero: weight about 0.5")
+        lines.append(f"- Shared expert, added on every token with weight sigmoid(gate . x) ({gate}): {what}.")
+    return "".join(line + "\n" for line in lines)
+
+
 def model_card(plan: Plan) -> str:
     recipe = plan.recipe.recipe
     cfg = plan.config
@@ -106,7 +124,7 @@ A {plan.format.title}-format Mixture-of-Experts built by [mergekit-mode](https:/
 - Router `{recipe.router.mode}`: {ROUTER_TEXT[recipe.router.mode]} (seed {recipe.router.seed}).
 - {plan.num_experts} experts, {plan.top_k} per token, {cfg['num_hidden_layers']} layers,
   dtype {cfg['dtype']}, base architecture `{plan.inputs[BASE].model_type}`.
-{adapters}
+{format_text(plan)}{adapters}
 Loads with no custom code:
 
 ```python

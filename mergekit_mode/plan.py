@@ -9,7 +9,7 @@ memory flat however many layers the model has.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
@@ -19,12 +19,12 @@ from mergekit_mode.adapters import AdapterFolder
 from mergekit_mode.errors import ModeError
 from mergekit_mode.experts import (Expert, Input, adapter_warnings, check_tied_lm_head, embedding_op, experts_of,
                                    model_key, shared_op, stem_op)
-from mergekit_mode.formats import OutputFormat, for_base, families
+from mergekit_mode.formats import FORMATS, OutputFormat, for_base, families
 from mergekit_mode.formats.base import SharedExpert
 from mergekit_mode.formats.families import BaseFamily, Role
 from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder, TensorInfo
-from mergekit_mode.ops import BASE, Op, RouterWeights, Source
-from mergekit_mode.recipe import DATA_MODES, LoadedRecipe
+from mergekit_mode.ops import BASE, Copy, Op, RouterWeights, SharedGate, Source, Zeros
+from mergekit_mode.recipe import DATA_MODES, FromExpert, LoadedRecipe, Recipe
 
 if TYPE_CHECKING:  # mergekit (stem merges) is imported only by recipes that merge the stem
     from mergekit_mode.stem import Stem
@@ -39,6 +39,15 @@ class OutputTensor:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Gates:
+    """What the RouterWeights and SharedGate ops write, made before the write pass (routers.py):
+    per layer the router [experts, hidden] and, in formats with a shared expert, its gate [1, hidden]."""
+
+    routers: list[torch.Tensor]
+    shared: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -176,10 +185,26 @@ def _warnings(
     n = len(experts)
     if recipe.router.mode == "gateless" and k is not None and k != n:
         yield f"router.experts_per_token: {k} is ignored by gateless, which uses all {n} experts"
+    if not fmt.renormalise and recipe.top_k < n:
+        yield (f"router.experts_per_token: {fmt.name} does not rescale the chosen experts' weights to sum to 1, so "
+               f"with {recipe.top_k} of {n} experts per token they sum to less (docs/formats.md)")
     if recipe.router.mode not in DATA_MODES and any(e.has_data for e in recipe.experts):
         yield (f"experts' data/prompts are not used by router.mode {recipe.router.mode} "
                f"(only by {' and '.join(DATA_MODES)})")
     yield from adapter_warnings(inputs, experts, fields, recipe, stem.inputs if stem else None, family)
+
+
+def _shared_expert(recipe: Recipe, fmt: OutputFormat, cfg: dict) -> SharedExpert | None:
+    """The shared expert the format has, sized by the recipe's choice: a real MLP is the base's
+    size; an unused one (all zeros) is as small as runtimes take, so it costs next to nothing."""
+    policy = recipe.shared_expert
+    if fmt.shared_expert is None:
+        if policy not in (None, "none"):
+            raise ModeError(f"shared_expert: {fmt.name} has no shared expert (formats with one: "
+                            f"{', '.join(f.name for f in FORMATS if f.shared_expert) or 'none'})")
+        return None
+    inter = int(cfg["intermediate_size"])
+    return SharedExpert(inter if policy not in (None, "none") else min(fmt.empty_shared_expert_size, inter))
 
 
 def _resolve_stem(recipe, names: list[str]) -> Stem | None:
@@ -229,6 +254,24 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
             return output(tensor, tensor, row, stem_op(stem, tensor, 0.0, experts))
         return output(tensor, tensor, row, embedding_op(tensor, experts, recipe.embeddings, fields))
 
+    def shared_expert(layer: int) -> list[OutputTensor]:
+        """The shared expert's MLP, by the recipe's shared_expert policy, and its gate."""
+        assert shared_spec is not None
+        policy = recipe.shared_expert
+        rows = []
+        for role in fmt.experts:
+            row = family.mlp(role)
+            name, source = fmt.shared_expert_tensor(layer, role), family.layer_name(layer, row)
+            if isinstance(policy, FromExpert):
+                rows.append(output(name, source, row, experts[policy.from_].op(source)))
+            elif policy == "base":
+                rows.append(output(name, source, row, Copy(Source(BASE, source))))
+            else:
+                sized = {**cfg, "intermediate_size": shared_spec.intermediate_size}
+                rows.append(OutputTensor(name, families.shape(row, sized), dtype, Zeros()))
+        return rows + [OutputTensor(fmt.shared_gate_tensor(layer), (1, hidden), dtype, SharedGate(layer))]
+
+    shared_spec = _shared_expert(recipe, fmt, cfg)
     mlp = {role: family.mlp(role) for role in fmt.experts}
     tensors = [embedding(families.EMBED)]
     for layer in range(num_layers):
@@ -239,6 +282,8 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
             for role, row in mlp.items():
                 source = family.layer_name(layer, row)
                 tensors.append(output(fmt.expert_tensor(layer, e, role), source, row, experts[name].op(source)))
+        if shared_spec is not None:
+            tensors += shared_expert(layer)
         tensors.append(
             OutputTensor(fmt.router_tensor(layer), (len(names), hidden), dtype, RouterWeights(layer, recipe.router.mode))
         )
@@ -248,6 +293,9 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
     else:
         used.add(families.LM_HEAD.name)  # tied: the runtime reuses the embeddings
         check_tied_lm_head(experts, recipe.embeddings, fields, stem.inputs if stem else None)
+        if not fmt.ties_embeddings:  # the format needs an lm_head of its own: the embeddings' copy
+            lm_head = embedding(families.EMBED)
+            tensors.append(OutputTensor(families.LM_HEAD.name, lm_head.shape, dtype, lm_head.op))
 
     leftover = sorted(n for n in base.tensors if n not in used and not n.endswith(families.IGNORABLE_SUFFIXES))
     if leftover:
@@ -255,6 +303,6 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
             f"base_model: tensor {leftover[0]} has no place in a {fmt.title} checkpoint"
             + (f" (and {len(leftover) - 1} more)" if len(leftover) > 1 else "")
         )
-    config = fmt.build_config(cfg, len(names), recipe.top_k, str(dtype).removeprefix("torch."), None)
+    config = fmt.build_config(cfg, len(names), recipe.top_k, str(dtype).removeprefix("torch."), shared_spec)
     warnings = tuple(_warnings(loaded, inputs, experts, fields, stem, family, fmt))
-    return Plan(loaded, inputs, family, fmt, config, dtype, tuple(tensors), warnings)
+    return Plan(loaded, inputs, family, fmt, config, dtype, tuple(tensors), warnings, shared_spec)

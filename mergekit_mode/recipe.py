@@ -114,6 +114,7 @@ def _policy(choices: tuple[str, ...]):
 
 SharedDeltas = Annotated[Union[Literal["average", "drop"], FromExpert], _policy(("average", "drop"))]
 Embeddings = Annotated[Union[Literal["base"], FromExpert], _policy(("base",))]
+SharedExpertPolicy = Annotated[Union[Literal["none", "base"], FromExpert], _policy(("none", "base"))]
 
 
 DATA_MODES = ("hidden", "trained")
@@ -264,6 +265,13 @@ class Recipe(_Strict):
         description="With stem: base, needed when an adapter changes embed_tokens or lm_head (LoRA target or "
         "modules_to_save), which the experts share: base: keep the base's; {from: <expert>}: that expert's.",
     )
+    shared_expert: Optional[SharedExpertPolicy] = Field(
+        None,
+        description="Formats with a shared expert (qwen2_moe), which adds sigmoid(gate . x) * shared_mlp(x) to the "
+        "routed experts on every token: none (default): an all-zero shared MLP, so the block is the routed mixture; "
+        "base: the base's MLP; {from: <expert>}: that expert's MLP. Its gate starts near 0 (weight about 0.5) and "
+        "router.train objective lm learns it.",
+    )
 
     @model_validator(mode="after")
     def _names_unique_and_k_fits(self) -> "Recipe":
@@ -281,8 +289,10 @@ class Recipe(_Strict):
                 if not expert.has_data:
                     raise _FieldError(f"experts[{i}]", f"router.mode {self.router.mode} needs data: or prompts: "
                                       "on every expert")
-        for key, policy in (("shared_deltas", self.shared_deltas), ("embeddings", self.embeddings)):
-            if self.stem is not None and key in self.model_fields_set:
+        policies = (("shared_deltas", self.shared_deltas), ("embeddings", self.embeddings),
+                    ("shared_expert", self.shared_expert))
+        for key, policy in policies:
+            if self.stem is not None and key in self.model_fields_set and key != "shared_expert":
                 raise _FieldError(key, "applies with `stem: base` only; a stem merge takes each adapter expert's "
                                   "merged weights as that model's")
             if isinstance(policy, FromExpert) and policy.from_ not in seen:

@@ -64,7 +64,7 @@ def _sequences(seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (17, 9, 12, 1, 17)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_layer_stream_equals_full_forward(tmp_path, tokenizer_dir, arch):
     """Right-padded batches, layer by layer, give the full model's numbers for every real token
     (Mistral with a sliding window shorter than the sequences, so the window mask matters)."""

@@ -12,9 +12,13 @@ from mergekit_mode.errors import ModeError
 from mergekit_mode.formats.base import OutputFormat
 from mergekit_mode.formats.families import FAMILIES, BaseFamily
 from mergekit_mode.formats.mixtral import Mixtral
+from mergekit_mode.formats.qwen2_moe import Qwen2Moe
+from mergekit_mode.formats.qwen3_moe import Qwen3Moe
 
 FORMATS: tuple[OutputFormat, ...] = (
     Mixtral(),
+    Qwen2Moe(),
+    Qwen3Moe(),
 )
 NAMES: tuple[str, ...] = tuple(f.name for f in FORMATS)
 

@@ -44,6 +44,8 @@ class OutputFormat(ABC):
     # Formats with a shared expert: MLP role -> template ({layer}), and its gate's template.
     shared_expert: ClassVar[Optional[dict[Role, str]]] = None
     shared_expert_gate: ClassVar[Optional[str]] = None
+    empty_shared_expert_size: ClassVar[int] = 0  # intermediate size of an unused (all-zero) shared expert
+    ties_embeddings: ClassVar[bool] = True  # False: a tied base's lm_head is written as a copy of embed_tokens
     # Parameter names in a decoder layer of the loaded transformers model (router training).
     router_parameter: ClassVar[str] = "mlp.gate.weight"
     shared_gate_parameter: ClassVar[Optional[str]] = None
@@ -61,10 +63,6 @@ class OutputFormat(ABC):
     def shared_gate_tensor(self, layer: int) -> str:
         assert self.shared_expert_gate is not None, f"{self.name} has no shared expert"
         return self.shared_expert_gate.format(layer=layer)
-
-    @property
-    def has_shared_expert(self) -> bool:
-        return self.shared_expert is not None
 
     def takes(self, family: BaseFamily) -> bool:
         return family.name in self.families

@@ -52,6 +52,7 @@ class BaseFamily:
     layer: tuple[Tensor, ...]  # per decoder layer, in checkpoint order
     # config key -> (values it may take, why): what the rows above assume
     requires: tuple[tuple[str, tuple[object, ...], str], ...]
+    needs: tuple[str, ...] = ()  # config keys that must be stated (no default that dims() could assume)
 
     def layer_name(self, layer: int, tensor: Tensor) -> str:
         return f"{LAYER_PREFIX}{layer}.{tensor.name}"
@@ -61,6 +62,9 @@ class BaseFamily:
 
     def check(self, config: dict, field: str) -> None:
         """Refuse configs whose stem the rows above do not describe, instead of dropping weights."""
+        for key in self.needs:
+            if key not in config:
+                raise ModeError(f"{field}: config.json lacks {key}, which {self.name} models state")
         for key, allowed, why in self.requires:
             value = config.get(key)
             if value not in allowed:
@@ -114,7 +118,7 @@ FAMILIES: tuple[BaseFamily, ...] = (
                _attention() + _MLP, (_SILU, _no("attention_bias", "attention biases"), _no("mlp_bias", "MLP biases"))),
     BaseFamily("qwen2", ("qwen2",), "Qwen2", "q/k/v biases", _attention(biases=True) + _MLP, (_SILU, _NO_SLIDING)),
     BaseFamily("qwen3", ("qwen3",), "Qwen3", "q/k norms", _attention(qk_norm=True) + _MLP,
-               (_SILU, _NO_SLIDING, _no("attention_bias", "attention biases"))),
+               (_SILU, _NO_SLIDING, _no("attention_bias", "attention biases")), needs=("head_dim",)),
 )
 
 # Dense model types no format here can express, and what is missing.

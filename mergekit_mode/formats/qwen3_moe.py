@@ -1,0 +1,31 @@
+"""Qwen3-MoE (Qwen3MoeForCausalLM), the MoE of Qwen3 bases: their q/k norms kept, no biases.
+
+Same layout as Qwen2-MoE without the shared expert (`mlp.experts.E.{gate,up,down}_proj`,
+`mlp.gate`). llama.cpp's qwen3moe graph always rescales the top-k weights to sum to 1, so
+norm_topk_prob is true: the router means what it means in Mixtral. Tied embeddings stay tied
+(llama.cpp falls back to the token embeddings for the output).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from mergekit_mode.formats.base import OutputFormat, SharedExpert
+from mergekit_mode.formats.qwen2_moe import EXPERTS, ROUTER, moe_config
+
+
+class Qwen3Moe(OutputFormat):
+    name = "qwen3_moe"
+    title = "Qwen3-MoE"
+    architecture = "Qwen3MoeForCausalLM"
+    families = ("qwen3",)
+    experts_key = "num_experts"
+    renormalise = True
+    experts = EXPERTS
+    router = ROUTER
+
+    def build_config(self, base_config: dict, num_experts: int, top_k: int, dtype: str,
+                     shared: Optional[SharedExpert]) -> dict:
+        config = moe_config(base_config, self.architecture, self.name, num_experts, top_k, dtype, norm_topk_prob=True)
+        config.update(attention_bias=False)
+        return dict(sorted(config.items()))
