@@ -74,11 +74,28 @@ class OutputFormat(ABC):
     def top_k(self, config: Any) -> int:
         return int(_get(config, self.top_k_key))
 
-    @abstractmethod
     def build_config(self, base_config: dict, num_experts: int, top_k: int, dtype: str,
                      shared: Optional[SharedExpert]) -> dict:
         """config.json of the output. Written by us, key-sorted, so the bytes don't depend on the
         installed transformers version."""
+        config = copied_config(base_config)
+        config.update(
+            architectures=[self.architecture],
+            model_type=self.name,
+            hidden_act="silu",
+            output_router_logits=False,
+            router_aux_loss_coef=0.001,
+            use_cache=True,
+            dtype=dtype,
+            torch_dtype=dtype,
+        )
+        config.update({self.experts_key: num_experts, self.top_k_key: top_k})
+        config.update(self.format_config(base_config, shared))
+        return dict(sorted(config.items()))
+
+    @abstractmethod
+    def format_config(self, base_config: dict, shared: Optional[SharedExpert]) -> dict:
+        """The config keys of this format beyond the base's and the expert count and top-k."""
 
     def moe_block(self, router: Any, experts: list[nn.Module], top_k: int,
                   shared: Optional[tuple[nn.Module, Any]] = None) -> nn.Module:

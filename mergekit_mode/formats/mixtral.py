@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from mergekit_mode.formats.base import OutputFormat, SharedExpert, copied_config
+from mergekit_mode.formats.base import OutputFormat, SharedExpert
 from mergekit_mode.formats.families import Role
 
 _EXPERT = "model.layers.{layer}.block_sparse_moe.experts.{expert}."
@@ -28,21 +28,5 @@ class Mixtral(OutputFormat):
                Role.UP_PROJ: _EXPERT + "w3.weight"}
     router = "model.layers.{layer}.block_sparse_moe.gate.weight"
 
-    def build_config(self, base_config: dict, num_experts: int, top_k: int, dtype: str,
-                     shared: Optional[SharedExpert]) -> dict:
-        config = copied_config(base_config)
-        config.update(
-            architectures=[self.architecture],
-            model_type=self.name,
-            hidden_act="silu",
-            num_local_experts=num_experts,
-            num_experts_per_tok=top_k,
-            sliding_window=base_config.get("sliding_window"),
-            output_router_logits=False,
-            router_aux_loss_coef=0.001,
-            router_jitter_noise=0.0,
-            use_cache=True,
-            dtype=dtype,
-            torch_dtype=dtype,
-        )
-        return dict(sorted(config.items()))
+    def format_config(self, base_config: dict, shared: Optional[SharedExpert]) -> dict:
+        return {"sliding_window": base_config.get("sliding_window"), "router_jitter_noise": 0.0}

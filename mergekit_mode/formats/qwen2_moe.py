@@ -18,51 +18,37 @@ from __future__ import annotations
 
 from typing import Optional
 
-from mergekit_mode.formats.base import OutputFormat, SharedExpert, copied_config
+from mergekit_mode.formats.base import OutputFormat, SharedExpert
 from mergekit_mode.formats.families import Role
 
 _LAYER = "model.layers.{layer}.mlp."
-EXPERTS = {role: _LAYER + "experts.{expert}." + role.value + ".weight"
-           for role in (Role.GATE_PROJ, Role.UP_PROJ, Role.DOWN_PROJ)}
-ROUTER = _LAYER + "gate.weight"
 
 
-def moe_config(base_config: dict, architecture: str, model_type: str, num_experts: int, top_k: int, dtype: str,
-               norm_topk_prob: bool) -> dict:
-    """The keys the Qwen MoE configs share: the experts are the base's MLPs, every layer sparse."""
-    config = copied_config(base_config)
-    inter = int(base_config["intermediate_size"])
-    config.update(
-        architectures=[architecture],
-        model_type=model_type,
-        hidden_act="silu",
-        num_experts=num_experts,
-        num_experts_per_tok=top_k,
-        moe_intermediate_size=inter,
-        norm_topk_prob=norm_topk_prob,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        use_sliding_window=False,
-        sliding_window=None,
-        output_router_logits=False,
-        router_aux_loss_coef=0.001,
-        use_cache=True,
-        dtype=dtype,
-        torch_dtype=dtype,
-    )
-    return config
+class QwenMoe(OutputFormat):
+    """What the Qwen MoE formats share: Qwen's hub layout, every layer sparse, the experts the
+    base's MLPs, and norm_topk_prob stating the block's `renormalise`."""
+
+    experts_key = "num_experts"
+    experts = {role: _LAYER + "experts.{expert}." + role.value + ".weight"
+               for role in (Role.GATE_PROJ, Role.UP_PROJ, Role.DOWN_PROJ)}
+    router = _LAYER + "gate.weight"
+
+    def format_config(self, base_config: dict, shared: Optional[SharedExpert]) -> dict:
+        return {"moe_intermediate_size": int(base_config["intermediate_size"]), "norm_topk_prob": self.renormalise,
+                "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False,
+                "sliding_window": None, **self.own_config(shared)}
+
+    def own_config(self, shared: Optional[SharedExpert]) -> dict:
+        return {}
 
 
-class Qwen2Moe(OutputFormat):
+class Qwen2Moe(QwenMoe):
     name = "qwen2_moe"
     title = "Qwen2-MoE"
     architecture = "Qwen2MoeForCausalLM"
     families = ("qwen2",)
-    experts_key = "num_experts"
     renormalise = False
-    experts = EXPERTS
-    router = ROUTER
-    shared_expert = {role: _LAYER + "shared_expert." + role.value + ".weight" for role in EXPERTS}
+    shared_expert = {role: _LAYER + "shared_expert." + role.value + ".weight" for role in QwenMoe.experts}
     shared_expert_gate = _LAYER + "shared_expert_gate.weight"
     shared_gate_parameter = "mlp.shared_expert_gate.weight"
     # An unused shared expert's size: one block of llama.cpp's q8_0 (32 values), so every export type
@@ -70,10 +56,7 @@ class Qwen2Moe(OutputFormat):
     empty_shared_expert_size = 32
     ties_embeddings = False
 
-    def build_config(self, base_config: dict, num_experts: int, top_k: int, dtype: str,
-                     shared: Optional[SharedExpert]) -> dict:
+    def own_config(self, shared: Optional[SharedExpert]) -> dict:
         assert shared is not None, "the plan sizes Qwen2-MoE's shared expert"
-        config = moe_config(base_config, self.architecture, self.name, num_experts, top_k, dtype, norm_topk_prob=False)
-        config.update(qkv_bias=True, shared_expert_intermediate_size=shared.intermediate_size,
-                      tie_word_embeddings=False)
-        return dict(sorted(config.items()))
+        return {"qkv_bias": True, "shared_expert_intermediate_size": shared.intermediate_size,
+                "tie_word_embeddings": False}

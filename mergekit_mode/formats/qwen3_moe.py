@@ -10,22 +10,16 @@ from __future__ import annotations
 
 from typing import Optional
 
-from mergekit_mode.formats.base import OutputFormat, SharedExpert
-from mergekit_mode.formats.qwen2_moe import EXPERTS, ROUTER, moe_config
+from mergekit_mode.formats.base import SharedExpert
+from mergekit_mode.formats.qwen2_moe import QwenMoe
 
 
-class Qwen3Moe(OutputFormat):
+class Qwen3Moe(QwenMoe):
     name = "qwen3_moe"
     title = "Qwen3-MoE"
     architecture = "Qwen3MoeForCausalLM"
     families = ("qwen3",)
-    experts_key = "num_experts"
     renormalise = True
-    experts = EXPERTS
-    router = ROUTER
 
-    def build_config(self, base_config: dict, num_experts: int, top_k: int, dtype: str,
-                     shared: Optional[SharedExpert]) -> dict:
-        config = moe_config(base_config, self.architecture, self.name, num_experts, top_k, dtype, norm_topk_prob=True)
-        config.update(attention_bias=False)
-        return dict(sorted(config.items()))
+    def own_config(self, shared: Optional[SharedExpert]) -> dict:
+        return {"attention_bias": False}
