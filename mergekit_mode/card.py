@@ -72,8 +72,8 @@ def stem_text(recipe: Recipe) -> str:
 
 
 def format_text(plan: Plan) -> str:
-    """What the format adds to the router's choice: nothing for Mixtral-like blocks; the weights left
-    unscaled and the shared expert where the format has them (one line each, ending in a newline)."""
+    """What the format adds to the router's choice, one line each (ending in a newline): top-k weights
+    left unscaled and the shared expert, where the format has them; nothing otherwise."""
     lines = []
     if not plan.format.renormalise and plan.top_k < plan.num_experts:
         lines.append(f"- The {plan.top_k} chosen experts keep their softmax weights over all {plan.num_experts} "

@@ -7,7 +7,7 @@ expert on every token: routed mixture + sigmoid(shared_expert_gate . x) * shared
 What the runtimes fix, and so what this format states:
 - llama.cpp's qwen2moe graph never rescales the top-k weights (whatever norm_topk_prob says), so
   norm_topk_prob is false here for every router mode: the k chosen experts keep their softmax
-  probabilities. With top-k = all experts (gate-less) that is the plain mean, as in Mixtral.
+  probabilities. With top-k = all experts (gate-less) that is the plain mean of the experts.
 - llama.cpp requires the shared expert (tensors and size) and computes its gate as silu(z)/z,
   which is 0/0 for an all-zero gate: the gate row is never exactly zero (routers.shared_gates).
 - llama.cpp's qwen2moe requires an lm_head tensor: a tied base's embeddings are written twice.

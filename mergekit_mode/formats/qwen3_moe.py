@@ -2,7 +2,7 @@
 
 Same layout as Qwen2-MoE without the shared expert (`mlp.experts.E.{gate,up,down}_proj`,
 `mlp.gate`). llama.cpp's qwen3moe graph always rescales the top-k weights to sum to 1, so
-norm_topk_prob is true: the router means what it means in Mixtral. Tied embeddings stay tied
+norm_topk_prob is true: the k weights sum to 1, as in the Llama/Mistral output. Tied embeddings stay tied
 (llama.cpp falls back to the token embeddings for the output).
 """
 

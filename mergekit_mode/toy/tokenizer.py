@@ -93,8 +93,15 @@ def copy_tokenizer(src_dir: Path, dst_dir: Path) -> None:
 
 
 def tokenizer_size(tokenizer_dir: Path) -> int:
-    """Number of pieces in ``tokenizer_dir/tokenizer.model`` (the smallest valid vocab_size)."""
-    return spm.SentencePieceProcessor(model_file=str(Path(tokenizer_dir) / "tokenizer.model")).get_piece_size()
+    """Number of tokens of the folder's tokenizer (the smallest valid vocab_size): the pieces of its
+    ``tokenizer.model``, or of its ``tokenizer.json`` with added tokens for a BPE tokenizer (the
+    one Qwen models need to reach llama.cpp)."""
+    model = Path(tokenizer_dir) / "tokenizer.model"
+    if model.is_file():
+        return spm.SentencePieceProcessor(model_file=str(model)).get_piece_size()
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
 
 
 def _write_json(path: Path, obj: dict) -> None:
