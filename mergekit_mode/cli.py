@@ -191,16 +191,18 @@ def report(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_
 @click.option("--pretrain-steps", default=150, show_default=True, help="Training steps of the tiny base.")
 @click.option("--finetune-steps", default=150, show_default=True, help="Training steps of each expert.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
-def demo(out: Path, pretrain_steps: int, finetune_steps: int, force: bool) -> None:
+@click.option("--arch", type=click.Choice(["llama", "qwen2", "qwen3"]), default="llama", show_default=True,
+              help="The base's family: llama gives a Mixtral output, qwen2 Qwen2-MoE, qwen3 Qwen3-MoE.")
+def demo(out: Path, pretrain_steps: int, finetune_steps: int, force: bool, arch: str) -> None:
     """Train tiny domain experts on this machine and build a MoE of them into OUT.
 
-    Needs no download: it makes four synthetic text domains, a tokenizer, a tiny Llama base and
-    one expert per domain (about a minute on 2 CPU cores), writes OUT/recipe.yml, builds
-    OUT/moe with it, and prints each model's perplexity on every domain.
+    Needs no download: it makes four synthetic text domains, a tokenizer, a tiny base and one
+    expert per domain (about a minute on 2 CPU cores), writes OUT/recipe-*.yml, builds OUT/moe-*
+    with them, and prints each model's perplexity on every domain.
     """
     from mergekit_mode.demo import demo as run_demo
 
-    run_demo(out, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, force=force)
+    run_demo(out, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, force=force, arch=arch)
 
 
 @cli.command("export-gguf")
