@@ -192,7 +192,7 @@ def report(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_
 @click.option("--finetune-steps", default=150, show_default=True, help="Training steps of each expert.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--arch", type=click.Choice(["llama", "qwen2", "qwen3"]), default="llama", show_default=True,
-              help="The base's family: llama gives a Mixtral output, qwen2 Qwen2-MoE, qwen3 Qwen3-MoE.")
+              help="The base's family; the MoE is in that family's default output format (README: Output formats).")
 def demo(out: Path, pretrain_steps: int, finetune_steps: int, force: bool, arch: str) -> None:
     """Train tiny domain experts on this machine and build a MoE of them into OUT.
 

@@ -176,7 +176,7 @@ def _copy_config(src: Path, dst: Path, **changes) -> Path:
 
 @pytest.mark.parametrize("case", ["qwen2-to-mixtral", "qwen3-to-mixtral", "llama-to-qwen2", "llama-to-qwen3",
                                   "qwen3-to-qwen2", "expert-family", "shared-on-mixtral", "gemma", "phi3",
-                                  "qwen3-bias", "qwen2-sliding", "unknown-format"])
+                                  "qwen3-bias", "qwen2-sliding", "unknown-format", "shared-from-nobody"])
 def test_mismatches_are_refused_before_anything_is_written(llama, qwen2, qwen3, tmp_path, run_cli, case):
     fams = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}
     base_name = case.split("-")[0] if case.split("-")[0] in fams else {"expert-family": "qwen2",
@@ -200,6 +200,7 @@ def test_mismatches_are_refused_before_anything_is_written(llama, qwen2, qwen3, 
         "qwen3-bias": ["base_model: attention_bias is True"],
         "qwen2-sliding": ["base_model: use_sliding_window is True"],
         "unknown-format": ["output.architecture", "mixtral", "qwen2_moe", "qwen3_moe"],
+        "shared-from-nobody": ["shared_expert.from: 'nobody' is not the name of an expert (x, y, z)"],
     }[case]
     if case == "expert-family":
         experts = [qwen2.experts[0], qwen3.experts[0]]
@@ -213,6 +214,8 @@ def test_mismatches_are_refused_before_anything_is_written(llama, qwen2, qwen3, 
         base = _copy_config(qwen2.base, tmp_path / case, use_sliding_window=True)
     elif case == "unknown-format":
         extra["output"] = {"architecture": "qwen9_moe"}
+    elif case == "shared-from-nobody":
+        extra["shared_expert"] = {"from": "nobody"}
     recipe = write_recipe(tmp_path / "r.yml", base, experts, names=["x", "y", "z"][:len(experts)], **extra)
     expect_error(run_cli("validate", recipe), *expected)
     expect_error(run_cli(recipe, tmp_path / "out"), *expected)
