@@ -13,19 +13,12 @@ from tqdm import tqdm
 from mergekit_mode.card import model_card
 from mergekit_mode.errors import ModeError
 from mergekit_mode.executor import execute
-from mergekit_mode.plan import BASE, Plan, build_plan
+from mergekit_mode.plan import Plan, build_plan
 from mergekit_mode.recipe import load_recipe
 from mergekit_mode.routers import RouterContext, make_routers
 from mergekit_mode.writer import Entry, ShardedWriter, check_destination, staged_output
 
 RECIPE_FILE = "mergekit_mode_recipe.yml"
-
-# Files of the base that travel with the model: tokenizer and generation defaults.
-_BASE_FILES = (
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-    "generation_config.json",
-)
 
 
 def parse_device(device: str) -> torch.device:
@@ -89,9 +82,10 @@ def _refuse_inputs_inside(plan: Plan, out: Path) -> None:
 
 def _write_side_files(plan: Plan, stage: Path) -> None:
     (stage / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-    base = plan.inputs[BASE].path
-    for name in _BASE_FILES:
-        if (base / name).is_file():
-            shutil.copyfile(base / name, stage / name)
+    for name, content in plan.carried.files:  # tokenizer and generation settings (tokenizer_audit)
+        if isinstance(content, bytes):
+            (stage / name).write_bytes(content)
+        else:
+            shutil.copyfile(content, stage / name)
     (stage / "README.md").write_text(model_card(plan))
     (stage / RECIPE_FILE).write_text(plan.recipe.text)

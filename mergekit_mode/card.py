@@ -106,6 +106,7 @@ A Mixtral-format Mixture-of-Experts built by [mergekit-mode](https://pypi.org/pr
 - Router `{recipe.router.mode}`: {ROUTER_TEXT[recipe.router.mode]} (seed {recipe.router.seed}).
 - {cfg['num_local_experts']} experts, {cfg['num_experts_per_tok']} per token, {cfg['num_hidden_layers']} layers,
   dtype {cfg['dtype']}, base architecture `{plan.inputs[BASE].model_type}`.
+{plan.carried.card_text()}
 {adapters}
 Loads with no custom code:
 

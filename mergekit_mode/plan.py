@@ -23,6 +23,7 @@ from mergekit_mode.formats import mixtral
 from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder, TensorInfo
 from mergekit_mode.ops import BASE, Op, RouterWeights, Source
 from mergekit_mode.recipe import DATA_MODES, LoadedRecipe
+from mergekit_mode.tokenizer_audit import Carried, audit
 
 if TYPE_CHECKING:  # mergekit (stem merges) is imported only by recipes that merge the stem
     from mergekit_mode.stem import Stem
@@ -47,6 +48,7 @@ class Plan:
     dtype: torch.dtype
     tensors: tuple[OutputTensor, ...]
     warnings: tuple[str, ...] = ()
+    carried: Carried | None = None  # tokenizer, chat template, generation config (tokenizer_audit)
 
     @property
     def total_bytes(self) -> int:
@@ -239,5 +241,6 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
             + (f" (and {len(leftover) - 1} more)" if len(leftover) > 1 else "")
         )
     config = mixtral.build_config(cfg, len(names), recipe.top_k, str(dtype).removeprefix("torch."))
-    warnings = tuple(_warnings(loaded, inputs, experts, fields, stem))
-    return Plan(loaded, inputs, config, dtype, tuple(tensors), warnings)
+    carried, carried_warnings = audit(loaded, base.path)
+    warnings = tuple(_warnings(loaded, inputs, experts, fields, stem)) + tuple(carried_warnings)
+    return Plan(loaded, inputs, config, dtype, tuple(tensors), warnings, carried)
