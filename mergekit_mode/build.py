@@ -11,14 +11,15 @@ import torch
 from tqdm import tqdm
 
 from mergekit_mode.card import model_card
+from mergekit_mode.check import CheckReport, gate, run_recipe_checks
 from mergekit_mode.errors import ModeError
 from mergekit_mode.executor import execute
 from mergekit_mode.plan import Plan, build_plan
+from mergekit_mode.provenance import RECIPE_FILE, write_record
 from mergekit_mode.recipe import load_recipe
 from mergekit_mode.routers import RouterContext, make_routers
 from mergekit_mode.writer import Entry, ShardedWriter, check_destination, staged_output
 
-RECIPE_FILE = "mergekit_mode_recipe.yml"
 
 
 def parse_device(device: str) -> torch.device:
@@ -40,8 +41,12 @@ def plan_recipe(recipe_path: Path) -> Plan:
         raise ModeError(f"{recipe_path}: {e}") from None
 
 
-def write_model(plan: Plan, out: Path, *, force: bool = False, device: str = "cpu", quiet: bool = False) -> None:
-    """Build the plan's model into `out`. Either `out` ends complete, or it is left as it was."""
+def write_model(plan: Plan, out: Path, *, force: bool = False, device: str = "cpu", quiet: bool = False,
+                keep_failed: bool = False) -> tuple[CheckReport, ...]:
+    """Build the plan's model into `out`. Either `out` ends complete, or it is left as it was.
+
+    The recipe's `checks:` run on the finished model before it is renamed into place: when one fails,
+    CheckFailed is raised and `out` is left as it was, unless `keep_failed`."""
     dev = parse_device(device)
     _refuse_inputs_inside(plan, out)
     check_destination(out, force, plan.total_bytes)  # before routers that may train for minutes
@@ -64,11 +69,16 @@ def write_model(plan: Plan, out: Path, *, force: bool = False, device: str = "cp
             finally:
                 writer.abort()
                 bar.close()
-            _write_side_files(plan, stage)
+            _write_side_files(plan, stage, out)
+            reports = run_recipe_checks(plan.recipe, stage, dev, quiet)
+            if not keep_failed:
+                gate(reports, out, kept=False)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ModeError(f"{out}: no space left on the device while writing ({e.filename or 'output'})") from None
         raise ModeError(f"{out}: {e.strerror or e} ({e.filename or 'output'})") from None
+    gate(reports, out, kept=True)
+    return reports
 
 
 def _refuse_inputs_inside(plan: Plan, out: Path) -> None:
@@ -80,7 +90,7 @@ def _refuse_inputs_inside(plan: Plan, out: Path) -> None:
             raise ModeError(f"{out}: overlaps input {key} ({folder.path}); write the output elsewhere")
 
 
-def _write_side_files(plan: Plan, stage: Path) -> None:
+def _write_side_files(plan: Plan, stage: Path, out: Path) -> None:
     (stage / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
     for name, content in plan.carried.files:  # tokenizer and generation settings (tokenizer_audit)
         if isinstance(content, bytes):
@@ -89,3 +99,4 @@ def _write_side_files(plan: Plan, stage: Path) -> None:
             shutil.copyfile(content, stage / name)
     (stage / "README.md").write_text(model_card(plan))
     (stage / RECIPE_FILE).write_text(plan.recipe.text)
+    write_record(plan, stage, out)

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from mergekit_mode import __version__
-from mergekit_mode.errors import ModeError
+from mergekit_mode.errors import CheckFailed, ModeError
 
 MAIN_HELP = """Build a Mixture-of-Domain-Experts model in the canonical Mixtral format.
 
@@ -26,6 +26,7 @@ MAIN_HELP = """Build a Mixture-of-Domain-Experts model in the canonical Mixtral 
     mergekit-mode eval MODEL --data NAME=FILE ...    perplexity and routing per domain
     mergekit-mode report MODEL --data NAME=FILE ... --plot routing.png
     mergekit-mode sweep RECIPE OUT/ --router gateless,trained --data NAME=FILE ...
+    mergekit-mode check MODEL --data NAME=FILE ... --max-ratio 1.05   quality gate (exit 1)
 
 The base model gives attention, embeddings, norms and tokenizer; each expert (a fine-tune of
 the base, or a peft LoRA adapter of it) brings its MLP; a router picks experts per token. The
@@ -60,11 +61,14 @@ def _warn(plan) -> None:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--device", default="cpu", show_default=True, help="Where tensors are computed: cpu, cuda, cuda:N.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def build(recipe: Path, out: Path, dry_run: bool, force: bool, device: str, quiet: bool) -> None:
+@click.option("--keep-failed", is_flag=True, help="When a recipe check fails, keep OUT for inspection (exit code "
+              "still 1).")
+def build(recipe: Path, out: Path, dry_run: bool, force: bool, device: str, quiet: bool, keep_failed: bool) -> None:
     """Build the model described by RECIPE into the folder OUT.
 
     OUT is built in a hidden folder beside it and renamed into place when complete: an interrupted
-    or failed run leaves no OUT behind (and an existing OUT untouched).
+    or failed run leaves no OUT behind (and an existing OUT untouched). The recipe's `checks:` run
+    on the finished model first: a failed check prints its table, leaves no OUT and exits with 1.
     """
     from mergekit_mode.build import plan_recipe, write_model
 
@@ -73,9 +77,19 @@ def build(recipe: Path, out: Path, dry_run: bool, force: bool, device: str, quie
     if dry_run:
         click.echo(plan.describe())
         return
-    write_model(plan, out, force=force, device=device, quiet=quiet)
+    try:
+        reports = write_model(plan, out, force=force, device=device, quiet=quiet, keep_failed=keep_failed)
+    except CheckFailed as e:
+        _print_tables(e.reports)
+        raise
+    _print_tables(reports)
     if not quiet:
         click.echo(f"wrote {out} ({len(plan.tensors)} tensors)", err=True)
+
+
+def _print_tables(reports) -> None:
+    for report in reports:
+        click.echo(report.table())
 
 
 @cli.command()
@@ -165,6 +179,48 @@ def eval_command(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, 
 
     results = _run_eval(model, data, ctx, max_tokens, batch_size, device)
     click.echo(json.dumps(to_json(results)) if as_json else format_table(results, _names(model, results)))
+
+
+@cli.command()
+@_eval_options
+@click.option("--against", type=click.Choice(["experts", "base"]), default="experts", show_default=True,
+              help="experts: each domain against the expert of the same name; base: against the base model.")
+@click.option("--max-ratio", type=click.FloatRange(min=0, min_open=True), required=True, metavar="R",
+              help="A domain fails when its perplexity is above R times its reference's.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"against", "max_ratio", "passed", "domains": {NAME: '
+              '{perplexity, reference, reference_perplexity, ratio, passed, tokens}}}.')
+@click.option("--recipe-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the relative paths of MODEL's recipe resolve (default: the recipe's folder at build time).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def check(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str, against: str,
+          max_ratio: float, as_json: bool, recipe_dir: Path | None, quiet: bool) -> None:
+    """Quality gate for CI: exit code 1 when a domain's perplexity on MODEL (a folder mergekit-mode
+    built) is above R times its reference's.
+
+    Against `experts`, each --data NAME is matched to MODEL's expert NAME (an adapter expert is
+    merged in memory with peft, nothing written); against `base`, every domain to the base model.
+    The inputs are found through MODEL's recipe. Prints a table with the failing rows marked FAIL;
+    exit code 2 for mistakes (a bad option, a domain with no expert, a missing file).
+    """
+    from mergekit_mode.build import parse_device
+    from mergekit_mode.check import run_check
+    from mergekit_mode.evaluate import parse_data
+    from mergekit_mode.provenance import built_recipe
+    from pydantic import ValidationError
+
+    from mergekit_mode.recipe import CheckSpec
+
+    files = {name: path.absolute() for name, path in parse_data(data).items()}
+    try:
+        spec = CheckSpec(against=against, max_ratio=max_ratio, data=files, ctx=ctx, max_tokens=max_tokens,
+                         batch_size=batch_size)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ModeError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    report = run_check(model, built_recipe(model, recipe_dir), spec, device=parse_device(device), quiet=quiet)
+    click.echo(json.dumps(report.to_json()) if as_json else report.table())
+    if not report.passed:
+        raise CheckFailed(report.summary())
 
 
 @cli.command()
@@ -275,6 +331,9 @@ def main(args: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         cli.main(args=args, prog_name="mergekit-mode", standalone_mode=False)
+    except CheckFailed as e:
+        click.echo(f"check failed: {e}", err=True)
+        sys.exit(1)
     except ModeError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -53,15 +53,15 @@ def windows(ids: list[int], ctx: int) -> list[list[int]]:
     return [ids[i:i + ctx] for i in range(0, len(ids), ctx) if len(ids[i:i + ctx]) >= 2]
 
 
-def load_model(path: Path, device: torch.device):
+def load_model(path: Path, device: torch.device, field: str = "MODEL"):
     from transformers import AutoModelForCausalLM
 
     if not (path / "config.json").is_file():
-        raise ModeError(f"MODEL: {path} is not a model folder (no config.json)")
+        raise ModeError(f"{field}: {path} is not a model folder (no config.json)")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise ModeError(f"MODEL: cannot load {path} ({str(e).splitlines()[0]})") from None
+        raise ModeError(f"{field}: cannot load {path} ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from mergekit_mode.adapters import AdapterFolder
+from mergekit_mode.check import missing_data
 from mergekit_mode.errors import ModeError
 from mergekit_mode.experts import (Expert, Input, adapter_warnings, check_tied_lm_head, embedding_op, experts_of,
                                    model_key, shared_op, stem_op)
@@ -126,7 +127,8 @@ def _open_model(path: Path, field: str, base: ModelFolder) -> ModelFolder:
 
 
 def _check_data_files(loaded: LoadedRecipe) -> None:
-    """Router data files must exist before a run starts (`validate` reports them, not a late failure)."""
+    """Router and check data files must exist before a run starts (`validate` reports them, not a late failure)."""
+    missing_data(loaded)
     if loaded.recipe.router.mode not in DATA_MODES:
         return
     for i, spec in enumerate(loaded.recipe.experts):
