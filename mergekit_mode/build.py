@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -20,6 +22,16 @@ from mergekit_mode.recipe import load_recipe
 from mergekit_mode.routers import RouterContext, make_routers
 from mergekit_mode.writer import Entry, ShardedWriter, check_destination, staged_output
 
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A build that takes what it can from a previous one (`mergekit-mode edit`): `execution` is the
+    plan with unchanged tensors copied from that build, `routers` makes the routers the edit needs."""
+
+    execution: Plan
+    routers: Callable[[RouterContext], list[torch.Tensor]]
+    card_note: Optional[str] = None
 
 
 def parse_device(device: str) -> torch.device:
@@ -42,15 +54,17 @@ def plan_recipe(recipe_path: Path) -> Plan:
 
 
 def write_model(plan: Plan, out: Path, *, force: bool = False, device: str = "cpu", quiet: bool = False,
-                keep_failed: bool = False) -> tuple[CheckReport, ...]:
+                keep_failed: bool = False, edit: Edit | None = None) -> tuple[CheckReport, ...]:
     """Build the plan's model into `out`. Either `out` ends complete, or it is left as it was.
 
     The recipe's `checks:` run on the finished model before it is renamed into place: when one fails,
-    CheckFailed is raised and `out` is left as it was, unless `keep_failed`."""
+    CheckFailed is raised and `out` is left as it was, unless `keep_failed`. `edit`: how `edit` makes
+    the same model from a previous build (what to execute, its routers, a line for the card)."""
     dev = parse_device(device)
-    _refuse_inputs_inside(plan, out)
+    execution = edit.execution if edit else plan
+    _refuse_inputs_inside(execution, out)
     check_destination(out, force, plan.total_bytes)  # before routers that may train for minutes
-    routers = make_routers(plan, RouterContext(dev, quiet))
+    routers = edit.routers(RouterContext(dev, quiet)) if edit else make_routers(plan, RouterContext(dev, quiet))
     entries = [Entry(t.name, t.shape, t.dtype) for t in plan.tensors]
     try:
         with staged_output(out, force, plan.total_bytes) as stage:
@@ -65,11 +79,11 @@ def write_model(plan: Plan, out: Path, *, force: bool = False, device: str = "cp
                 bar.set_postfix_str(f"{done}/{len(entries)} tensors", refresh=False)
 
             try:
-                execute(plan, routers, writer, dev, progress)
+                execute(execution, routers, writer, dev, progress)
             finally:
                 writer.abort()
                 bar.close()
-            _write_side_files(plan, stage, out)
+            _write_side_files(plan, stage, out, edit.card_note if edit else None)
             reports = run_recipe_checks(plan.recipe, stage, dev, quiet)
             if not keep_failed:
                 gate(reports, out, kept=False)
@@ -90,13 +104,13 @@ def _refuse_inputs_inside(plan: Plan, out: Path) -> None:
             raise ModeError(f"{out}: overlaps input {key} ({folder.path}); write the output elsewhere")
 
 
-def _write_side_files(plan: Plan, stage: Path, out: Path) -> None:
+def _write_side_files(plan: Plan, stage: Path, out: Path, card_note: str | None) -> None:
     (stage / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
     for name, content in plan.carried.files:  # tokenizer and generation settings (tokenizer_audit)
         if isinstance(content, bytes):
             (stage / name).write_bytes(content)
         else:
             shutil.copyfile(content, stage / name)
-    (stage / "README.md").write_text(model_card(plan))
+    (stage / "README.md").write_text(model_card(plan, card_note))
     (stage / RECIPE_FILE).write_text(plan.recipe.text)
     write_record(plan, stage, out)

@@ -27,6 +27,7 @@ MAIN_HELP = """Build a Mixture-of-Domain-Experts model in the canonical Mixtral 
     mergekit-mode report MODEL --data NAME=FILE ... --plot routing.png
     mergekit-mode sweep RECIPE OUT/ --router gateless,trained --data NAME=FILE ...
     mergekit-mode check MODEL --data NAME=FILE ... --max-ratio 1.05   quality gate (exit 1)
+    mergekit-mode edit MODEL NEW --drop NAME | --replace NAME=PATH | --add NAME=PATH
 
 The base model gives attention, embeddings, norms and tokenizer; each expert (a fine-tune of
 the base, or a peft LoRA adapter of it) brings its MLP; a router picks experts per token. The
@@ -70,26 +71,31 @@ def build(recipe: Path, out: Path, dry_run: bool, force: bool, device: str, quie
     or failed run leaves no OUT behind (and an existing OUT untouched). The recipe's `checks:` run
     on the finished model first: a failed check prints its table, leaves no OUT and exits with 1.
     """
-    from mergekit_mode.build import plan_recipe, write_model
+    from mergekit_mode.build import plan_recipe
 
     plan = plan_recipe(recipe)
     _warn(plan)
     if dry_run:
         click.echo(plan.describe())
         return
+    _write(plan, out, quiet, force=force, device=device, keep_failed=keep_failed)
+
+
+def _write(plan, out: Path, quiet: bool, **options) -> None:
+    """Build or edit into `out`, printing the table of every check the build ran, passed or failed."""
+    from mergekit_mode.build import write_model
+
+    reports = ()
     try:
-        reports = write_model(plan, out, force=force, device=device, quiet=quiet, keep_failed=keep_failed)
+        reports = write_model(plan, out, quiet=quiet, **options)
     except CheckFailed as e:
-        _print_tables(e.reports)
+        reports = e.reports
         raise
-    _print_tables(reports)
+    finally:
+        for report in reports:
+            click.echo(report.table())
     if not quiet:
         click.echo(f"wrote {out} ({len(plan.tensors)} tensors)", err=True)
-
-
-def _print_tables(reports) -> None:
-    for report in reports:
-        click.echo(report.table())
 
 
 @cli.command()
@@ -266,8 +272,10 @@ def demo(out: Path, pretrain_steps: int, finetune_steps: int, force: bool) -> No
               help="Tensor type of the GGUF file.")
 @click.option("--outfile", type=click.Path(path_type=Path), default=None,
               help="GGUF file to write (default: MODEL-OUTTYPE.gguf beside MODEL).")
-@click.option("--force", is_flag=True, help="Replace OUTFILE if it exists.")
-def export_gguf(model: Path, outtype: str, outfile: Path | None, force: bool) -> None:
+@click.option("--force", is_flag=True, help="Replace OUTFILE (and its Modelfile) if it exists.")
+@click.option("--ollama", is_flag=True, help="Also write an Ollama Modelfile beside it (OUTFILE's name with "
+              ".Modelfile): the chat template as Ollama's Go template, stop tokens, generation parameters.")
+def export_gguf(model: Path, outtype: str, outfile: Path | None, force: bool, ollama: bool) -> None:
     """Convert the model folder MODEL to a GGUF file with llama.cpp's own converter.
 
     The converter (llama.cpp's convert_hf_to_gguf.py) is not part of mergekit-mode: set
@@ -280,6 +288,9 @@ def export_gguf(model: Path, outtype: str, outfile: Path | None, force: bool) ->
     outfile = outfile or model.with_name(f"{model.name}-{outtype}.gguf")
     if outfile.exists() and not force:
         raise ModeError(f"--outfile: {outfile} exists (use --force to replace it)")
+    modelfile = outfile.with_suffix(".Modelfile")
+    if ollama and modelfile.exists() and not force:
+        raise ModeError(f"--ollama: {modelfile} exists (use --force to replace it)")
     try:
         gguf.export_gguf(model, outfile, outtype)
     except gguf.ConverterNotFoundError as e:
@@ -290,6 +301,13 @@ def export_gguf(model: Path, outtype: str, outfile: Path | None, force: bool) ->
     except gguf.GGUFExportError as e:
         raise ModeError(" | ".join(str(e).splitlines()[-3:])) from None
     click.echo(f"wrote {outfile}")
+    if ollama:
+        from mergekit_mode.ollama import write_modelfile
+
+        note = write_modelfile(model, outfile, modelfile)
+        if note:
+            click.echo(f"warning: {note}", err=True)
+        click.echo(f"wrote {modelfile} (ollama create NAME -f {modelfile})")
 
 
 @cli.command()
@@ -319,6 +337,55 @@ def sweep(recipe: Path, out: Path, routers: str, data: tuple[str, ...], ctx: int
     results = run_sweep(plans, out, domains, ctx=ctx, max_tokens=max_tokens, batch_size=batch_size, device=device,
                         force=force, quiet=quiet)
     click.echo(format_sweep(results))
+
+
+def _named_path(value: str | None, option: str) -> tuple[str, Path] | None:
+    if value is None:
+        return None
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise ModeError(f"{option}: {value!r} is not NAME=PATH")
+    return name, Path(path)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("new", type=click.Path(path_type=Path))
+@click.option("--drop", metavar="NAME", help="Remove expert NAME.")
+@click.option("--replace", "replace_", metavar="NAME=PATH", help="Expert NAME becomes the model or adapter folder PATH.")
+@click.option("--add", metavar="NAME=PATH", help="Add the model or adapter folder PATH as expert NAME (last).")
+@click.option("--data", type=click.Path(path_type=Path), help="The new expert's text (router data for hidden and "
+              "trained routers), with --add or --replace.")
+@click.option("--recipe-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the relative paths of MODEL's recipe resolve (default: the recipe's folder at build time).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (copied tensors read `previous build:`) and stop.")
+@click.option("--force", is_flag=True, help="Replace NEW if it exists and is not empty.")
+@click.option("--device", default="cpu", show_default=True, help="Where tensors are computed: cpu, cuda, cuda:N.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--keep-failed", is_flag=True, help="When a recipe check fails, keep NEW for inspection.")
+def edit(model: Path, new: Path, drop: str | None, replace_: str | None, add: str | None, data: Path | None,
+         recipe_dir: Path | None, dry_run: bool, force: bool, device: str, quiet: bool, keep_failed: bool) -> None:
+    """Drop, replace or add one expert of MODEL (a folder mergekit-mode built) into NEW.
+
+    NEW is what a build of the edited recipe gives (it carries that recipe and its card): tensors
+    whose inputs did not change are copied from MODEL byte for byte, only the rest is computed.
+    Routers follow their mode: gateless, noisy and random by definition; hidden computes only new
+    rows; trained retrains from MODEL's rows (see docs/edit.md). Written as a build writes.
+    """
+    from mergekit_mode.edit import plan_edit
+
+    plan, how, surgery = plan_edit(model, drop=drop, replace_=_named_path(replace_, "--replace"),
+                                   add=_named_path(add, "--add"), data=data, recipe_dir=recipe_dir)
+    _warn(plan)
+    for note in surgery.notes:
+        click.echo(f"warning: {note}", err=True)
+    if dry_run:
+        click.echo(how.execution.describe())
+        click.echo(surgery.summary())
+        return
+    if not quiet:
+        click.echo(surgery.summary(), err=True)
+    _write(plan, new, quiet, force=force, device=device, keep_failed=keep_failed, edit=how)
 
 
 def _interrupt(signum: int, frame: object) -> None:
