@@ -289,8 +289,15 @@ def export_gguf(model: Path, outtype: str, outfile: Path | None, force: bool, ol
     if outfile.exists() and not force:
         raise ModeError(f"--outfile: {outfile} exists (use --force to replace it)")
     modelfile = outfile.with_suffix(".Modelfile")
-    if ollama and modelfile.exists() and not force:
-        raise ModeError(f"--ollama: {modelfile} exists (use --force to replace it)")
+    if ollama:
+        from mergekit_mode.ollama import make_modelfile, write_modelfile
+
+        if modelfile.exists() and not force:
+            raise ModeError(f"--ollama: {modelfile} exists (use --force to replace it)")
+        text, template_note = make_modelfile(model, outfile, modelfile)  # before converting: fails early
+    note = gguf.outtype_note(outtype, gguf.cpu_flags())
+    if note:
+        click.echo(f"note: {note}", err=True)
     try:
         gguf.export_gguf(model, outfile, outtype)
     except gguf.ConverterNotFoundError as e:
@@ -302,11 +309,9 @@ def export_gguf(model: Path, outtype: str, outfile: Path | None, force: bool, ol
         raise ModeError(" | ".join(str(e).splitlines()[-3:])) from None
     click.echo(f"wrote {outfile}")
     if ollama:
-        from mergekit_mode.ollama import write_modelfile
-
-        note = write_modelfile(model, outfile, modelfile)
-        if note:
-            click.echo(f"warning: {note}", err=True)
+        write_modelfile(modelfile, text)
+        if template_note:
+            click.echo(f"warning: {template_note}", err=True)
         click.echo(f"wrote {modelfile} (ollama create NAME -f {modelfile})")
 
 

@@ -202,7 +202,7 @@ def _stops(model_dir: Path, generation: dict, wrappers: Optional[Wrappers]) -> l
     return list(dict.fromkeys(s for s in stops if s))
 
 
-def modelfile(model_dir: Path, gguf: Path, modelfile_path: Path) -> tuple[str, Optional[str]]:
+def make_modelfile(model_dir: Path, gguf: Path, modelfile_path: Path) -> tuple[str, Optional[str]]:
     """The Modelfile's text, and a one-line note when the chat template was not converted."""
     from transformers import AutoTokenizer
 
@@ -244,13 +244,11 @@ def modelfile(model_dir: Path, gguf: Path, modelfile_path: Path) -> tuple[str, O
     return "\n".join(lines) + "\n", note
 
 
-def write_modelfile(model_dir: Path, gguf: Path, path: Path) -> Optional[str]:
-    """Write the Modelfile (whole, or not at all) and return the note about its template, if any."""
-    text, note = modelfile(model_dir, gguf, path)
+def write_modelfile(path: Path, text: str) -> None:
+    """Write the Modelfile whole, or not at all."""
     partial = path.with_name(f".{path.name}.partial")
     try:
         partial.write_text(text, encoding="utf-8")
         partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)
-    return note

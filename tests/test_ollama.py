@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from mergekit_mode.ollama import modelfile
+from mergekit_mode.ollama import make_modelfile
 
 # --- Ollama's Modelfile parser (parser.go ParseFile), ported ---------------------------------------
 
@@ -199,7 +199,7 @@ def _commands(text: str) -> dict[str, list[str]]:
                          ids=["chatml", "llama3", "mistral", "zephyr", "default-system"])
 def test_common_templates_become_go_templates_that_render_the_same(llama, tmp_path, template):
     folder = _model(llama.base, tmp_path / "m", template)
-    text, note = modelfile(folder, tmp_path / "m-f16.gguf", tmp_path / "m-f16.Modelfile")
+    text, note = make_modelfile(folder, tmp_path / "m-f16.gguf", tmp_path / "m-f16.Modelfile")
     assert note is None
     commands = _commands(text)
     assert commands["model"] == ["./m-f16.gguf"]
@@ -224,7 +224,7 @@ def test_common_templates_become_go_templates_that_render_the_same(llama, tmp_pa
 ])
 def test_a_template_that_cannot_be_converted_is_said_in_one_line_and_not_written(llama, tmp_path, template, reason):
     folder = _model(llama.base, tmp_path / "m", template)
-    text, note = modelfile(folder, tmp_path / "m.gguf", tmp_path / "m.Modelfile")
+    text, note = make_modelfile(folder, tmp_path / "m.gguf", tmp_path / "m.Modelfile")
     assert note is not None and reason in note and "\n" not in note
     assert "template" not in _commands(text)
 
@@ -232,7 +232,7 @@ def test_a_template_that_cannot_be_converted_is_said_in_one_line_and_not_written
 def test_stops_and_sampling_parameters_come_from_the_generation_config(llama, tmp_path):
     folder = _model(llama.base, tmp_path / "m", CHATML, do_sample=True, temperature=0.6, top_p=0.9,
                     repetition_penalty=1.1, max_new_tokens=256, eos_token_id=[2, 0])
-    commands = _commands(modelfile(folder, tmp_path / "m.gguf", tmp_path / "m.Modelfile")[0])
+    commands = _commands(make_modelfile(folder, tmp_path / "m.gguf", tmp_path / "m.Modelfile")[0])
     assert commands["stop"] == ["</s>", "<unk>"]  # the ids 2 and 0 as the tokenizer spells them
     assert commands["temperature"] == ["0.6"] and commands["top_p"] == ["0.9"] and commands["top_k"] == ["50"]
     assert commands["repeat_penalty"] == ["1.1"] and commands["repeat_last_n"] == ["-1"]
@@ -241,7 +241,7 @@ def test_stops_and_sampling_parameters_come_from_the_generation_config(llama, tm
 
 def test_greedy_generation_config_gives_temperature_0(llama, tmp_path):
     folder = _model(llama.base, tmp_path / "m", None)
-    text, note = modelfile(folder, tmp_path / "m.gguf", tmp_path / "m.Modelfile")
+    text, note = make_modelfile(folder, tmp_path / "m.gguf", tmp_path / "m.Modelfile")
     commands = _commands(text)
     assert commands["temperature"] == ["0"] and "template" not in commands and "no chat template" in note
 
