@@ -49,17 +49,20 @@ def _find(loaded: LoadedRecipe, name: str, option: str) -> int:
     return names.index(name)
 
 
+def _written(loaded: LoadedRecipe, path: Path) -> str:
+    """`path` (given relative to the working folder) as the recipe writes its paths: relative to the
+    recipe's folder, or absolute when its base_model is."""
+    if loaded.recipe.base_model.is_absolute():
+        return str(path.resolve())
+    return os.path.relpath(path.resolve(), loaded.path.parent.resolve())
+
+
 def _expert_entry(loaded: LoadedRecipe, name: str, path: Path, option: str) -> dict:
-    """The recipe entry of expert `name` from the folder `path` (a model, or a peft adapter), written as
-    the recipe writes its paths: relative to the recipe's folder unless base_model is absolute."""
+    """The recipe entry of expert `name` from the folder `path`: a model, or a peft adapter."""
     if not path.is_dir():
         raise ModeError(f"{option}: folder {path} does not exist")
-    if loaded.recipe.base_model.is_absolute():
-        written = str(path.resolve())
-    else:
-        written = os.path.relpath(path.resolve(), loaded.path.parent.resolve())
     key = "adapter" if (path / "adapter_config.json").is_file() else "model"
-    return {"name": name, key: written}
+    return {"name": name, key: _written(loaded, path)}
 
 
 def edited_recipe(loaded: LoadedRecipe, drop: Optional[str], replace_: Optional[tuple[str, Path]],
@@ -76,8 +79,7 @@ def edited_recipe(loaded: LoadedRecipe, drop: Optional[str], replace_: Optional[
     if data is not None:
         if not data.is_file():
             raise ModeError(f"--data: {data} does not exist")
-        data_path = str(data.resolve()) if loaded.recipe.base_model.is_absolute() else \
-            os.path.relpath(data.resolve(), loaded.path.parent.resolve())
+        data_path = _written(loaded, data)
     if drop is not None:
         del experts[_find(loaded, drop, "--drop")]
         _drop_checks(spec, drop)

@@ -234,69 +234,77 @@ def _unpadded_json(file: Path, key: str) -> bytes:
     return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
 
 
-def audit(loaded: LoadedRecipe, base_folder: Path) -> tuple[Carried, list[str]]:
-    """Check every expert's token ids against the base's; choose the carried files. Returns them and
-    warnings (settings that differ while the recipe did not choose, a pad token left unset)."""
-    recipe = loaded.recipe
-    base = read_tokenizer(base_folder, "base_model")
-    experts = {f.name: f for f in _expert_folders(loaded)}
-    warnings: list[str] = []
+def _differences(loaded: LoadedRecipe, base: Optional[Tokenizer], base_folder: Path,
+                 experts: dict[str, _Folders]) -> Iterator[str]:
+    """Refuse other token ids; report settings that differ while the recipe did not choose."""
+    chosen = loaded.recipe.model_fields_set
     base_generation = _generation(base_folder, "base_model")
     for name, folders in experts.items():
         if base is not None and folders.tokenizer is not None:
             check_same_ids(base, folders.tokenizer)
             differ = _settings_differ(base, folders.tokenizer)
-            if differ and "chat_template" not in recipe.model_fields_set:
-                warnings.append(f"{folders.tokenizer.where}: its {', '.join(differ)} differ from base_model's; the "
-                                f"output carries base_model's (set chat_template: base, or {{from: {name}}})")
+            if differ and "chat_template" not in chosen:
+                yield (f"{folders.tokenizer.where}: its {', '.join(differ)} differ from base_model's; the output "
+                       f"carries base_model's (set chat_template: base, or {{from: {name}}})")
         generation = _generation(folders.generation_folder, folders.generation_where)
-        if generation is not None and generation != base_generation and \
-                "generation_config" not in recipe.model_fields_set:
-            warnings.append(f"{folders.generation_where}: its {GENERATION_FILE} differs from base_model's; the output "
-                            f"carries base_model's (set generation_config: base, or {{from: {name}}})")
+        if generation is not None and generation != base_generation and "generation_config" not in chosen:
+            yield (f"{folders.generation_where}: its {GENERATION_FILE} differs from base_model's; the output carries "
+                   f"base_model's (set generation_config: base, or {{from: {name}}})")
 
-    files: dict[str, Content] = {}
-    notes: list[str] = []
-    vocab_folders = [base_folder]
-    settings_folder, template_from = base_folder, RESERVED_NAME
-    if isinstance(recipe.chat_template, FromExpert):
-        template_from = recipe.chat_template.from_
-        chosen = experts[template_from].tokenizer
+
+def _tokenizer_files(policy: object, base_folder: Path, experts: dict[str, _Folders],
+                     files: dict[str, Content], notes: list[str]) -> str:
+    """The vocabulary files (the base's, with the chosen expert's over them: the ids are equal) and the
+    chosen folder's settings files; returns who they come from."""
+    settings_folder, source = base_folder, RESERVED_NAME
+    if isinstance(policy, FromExpert):
+        source = policy.from_
+        chosen = experts[source].tokenizer
         if chosen is None or not chosen.settings_files:
-            raise ModeError(f"chat_template.from: expert {template_from!r} carries no tokenizer settings "
+            raise ModeError(f"chat_template.from: expert {source!r} carries no tokenizer settings "
                             f"({', '.join(SETTINGS_FILES)})")
         settings_folder = chosen.folder
-        vocab_folders.append(chosen.folder)  # its vocabulary files (equal ids) override the base's
-    for folder in vocab_folders:
+    for folder in dict.fromkeys([base_folder, settings_folder]):
         files.update({name: folder / name for name in VOCAB_FILES if (folder / name).is_file()})
     files.update({name: settings_folder / name for name in SETTINGS_FILES if (settings_folder / name).is_file()})
-    chosen_tokenizer = read_tokenizer(settings_folder, "chat_template")
-    if chosen_tokenizer is not None:
-        bos, pad = chosen_tokenizer.special["bos_token"], chosen_tokenizer.special["pad_token"]
-        if pad is not None and pad == bos:
-            for name in ("tokenizer_config.json", "special_tokens_map.json"):
-                if name in files:
-                    files[name] = _unpadded_json(settings_folder / name, "pad_token")
-            notes.append(f"pad token: the chosen tokenizer padded with its BOS {bos!r}; the output leaves pad unset "
-                         "(padding with BOS hides where a sequence starts)")
+    tokenizer = read_tokenizer(settings_folder, "chat_template")
+    if tokenizer is not None and tokenizer.special["pad_token"] is not None and \
+            tokenizer.special["pad_token"] == tokenizer.special["bos_token"]:
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if name in files:
+                files[name] = _unpadded_json(settings_folder / name, "pad_token")
+        notes.append(f"pad token: the chosen tokenizer padded with its BOS {tokenizer.special['bos_token']!r}; the "
+                     "output leaves pad unset (padding with BOS hides where a sequence starts)")
+    return source
 
-    generation_from: Optional[str] = RESERVED_NAME
-    generation_folder: Optional[Path] = base_folder if base_generation is not None else None
-    if isinstance(recipe.generation_config, FromExpert):
-        generation_from = recipe.generation_config.from_
-        generation_folder = experts[generation_from].generation_folder
-        if generation_folder is None:
-            raise ModeError(f"generation_config.from: expert {generation_from!r} has no {GENERATION_FILE}")
-    if generation_folder is None:
-        generation_from = None
-    else:
-        file = generation_folder / GENERATION_FILE
-        files[GENERATION_FILE] = file
-        generation = read_json(file, "generation_config")
-        if generation.get("pad_token_id") is not None and generation.get("pad_token_id") == \
-                generation.get("bos_token_id"):
-            files[GENERATION_FILE] = _unpadded_json(file, "pad_token_id")
-            notes.append("generation config: pad_token_id was the BOS id; the output leaves it unset")
-    warnings += notes
+
+def _generation_file(policy: object, base_folder: Path, experts: dict[str, _Folders],
+                     files: dict[str, Content], notes: list[str]) -> Optional[str]:
+    """The chosen generation_config.json; returns who it comes from (None: there is none)."""
+    source: str = RESERVED_NAME
+    folder: Optional[Path] = base_folder if (base_folder / GENERATION_FILE).is_file() else None
+    if isinstance(policy, FromExpert):
+        source, folder = policy.from_, experts[policy.from_].generation_folder
+        if folder is None:
+            raise ModeError(f"generation_config.from: expert {source!r} has no {GENERATION_FILE}")
+    if folder is None:
+        return None
+    file = files[GENERATION_FILE] = folder / GENERATION_FILE
+    generation = read_json(file, "generation_config")
+    if generation.get("pad_token_id") is not None and generation["pad_token_id"] == generation.get("bos_token_id"):
+        files[GENERATION_FILE] = _unpadded_json(file, "pad_token_id")
+        notes.append("generation config: pad_token_id was the BOS id; the output leaves it unset")
+    return source
+
+
+def audit(loaded: LoadedRecipe, base_folder: Path) -> tuple[Carried, list[str]]:
+    """Check every expert's token ids against the base's; choose the carried files. Returns them and
+    warnings (settings that differ while the recipe did not choose, a pad token left unset)."""
+    experts = {f.name: f for f in _expert_folders(loaded)}
+    warnings = list(_differences(loaded, read_tokenizer(base_folder, "base_model"), base_folder, experts))
+    files: dict[str, Content] = {}
+    notes: list[str] = []
+    template_from = _tokenizer_files(loaded.recipe.chat_template, base_folder, experts, files, notes)
+    generation_from = _generation_file(loaded.recipe.generation_config, base_folder, experts, files, notes)
     carried = Carried(tuple(sorted(files.items())), template_from, generation_from, tuple(notes))
-    return carried, warnings
+    return carried, warnings + notes

@@ -134,6 +134,26 @@ def test_a_changed_input_is_built_again(family, tmp_path, run_cli):
     assert _digest(tmp_path / "new") == _digest(_full_build_of(tmp_path / "new", run_cli, tmp_path))
 
 
+def test_adapter_experts_merges_and_shared_averages(family, tmp_path, run_cli):
+    """LoRA experts that also change attention: dropping one changes the `average` of the shared
+    tensors (recomputed) but not the other adapter's merged MLPs (copied)."""
+    from mergekit_mode.toy.adapters import make_adapter
+
+    adapters = [make_adapter(family["base"], tmp_path / f"lora{i}", seed=i, r=4, lora_alpha=8,
+                             target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+                for i in range(2)]
+    spec = {"base_model": str(family["base"]),
+            "experts": [{"name": "a", "adapter": str(adapters[0])}, {"name": "b", "adapter": str(adapters[1])},
+                        {"name": "c", "model": str(family["experts"]["dna"])}]}
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(spec))
+    assert run_cli(tmp_path / "r.yml", tmp_path / "moe", "-q").code == 0
+    result = run_cli("edit", tmp_path / "moe", tmp_path / "new", "--drop", "a")
+    assert result.code == 0, result.err
+    copied, total = _copied(result.err)
+    assert copied == total - 2 * 2  # q_proj and v_proj of both layers: the average now has one adapter
+    assert _digest(tmp_path / "new") == _digest(_full_build_of(tmp_path / "new", run_cli, tmp_path))
+
+
 def test_edit_drops_the_dropped_domain_from_checks_and_runs_the_rest(family, tmp_path, run_cli):
     texts = family["texts"]
     checks = {"against": "experts", "max_ratio": 100, "data": {n: str(texts[n]) for n in ("arithmetic", "code")}}
