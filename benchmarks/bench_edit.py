@@ -9,7 +9,7 @@ Trains a tokenizer, a tiny Llama base and four MLP-only domain experts on this m
   hidden), or per-domain perplexity on held-out text (trained), and the wall time of the edit
   against the full build's, measured in the same run on the same machine.
 
-    python benchmarks/bench_edit.py [--workdir DIR] [--steps N]
+    python benchmarks/bench_edit.py [--workdir DIR] [--steps N] [--only "hidden top-2;noisy top-2"]
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ VARIANTS = {
 
 
 def run_cli(*args: object) -> tuple[str, float]:
-    """`mergekit-mode ARGS... -q` in this process; (what it printed, seconds)."""
+    """`mergekit-mode ARGS...` in this process; (what it printed, seconds)."""
     buf = io.StringIO()
     start = time.perf_counter()
     with redirect_stdout(buf):
         try:
-            cli([str(a) for a in args] + ["-q"])
+            cli([str(a) for a in args])
         except SystemExit as e:
             if e.code:
                 raise RuntimeError(f"mergekit-mode {' '.join(map(str, args))} exited {e.code}") from None
@@ -67,10 +67,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temporary folder)")
     parser.add_argument("--steps", type=int, default=150, help="pretraining and fine-tuning steps")
+    parser.add_argument("--only", help="variants to run, separated by ; (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="bench-edit-"))
     start = time.perf_counter()
+    # deterministic from its seeds: the same suite every run (so a kept --workdir gives the same experts)
     suite = build_domain_suite(root / "suite", pretrain_steps=args.steps, finetune_steps=args.steps, num_threads=1)
     print(f"suite: 4 MLP-only experts of a 4-layer Llama (hidden 128), {time.perf_counter() - start:.0f} s")
     names = list(suite.experts)
@@ -84,20 +86,21 @@ def main() -> None:
         return path
 
     rows = []
-    for label, router in VARIANTS.items():
+    chosen = args.only.split(";") if args.only else list(VARIANTS)
+    for label, router in ((k, VARIANTS[k]) for k in chosen):
         work = root / label.replace(" ", "_").replace(",", "")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
-        _, t3 = run_cli(recipe(work / "r3.yml", kept, router), work / "moe3")
-        _, t4 = run_cli(recipe(work / "r4.yml", names, router), work / "moe4")
+        _, t3 = run_cli(recipe(work / "r3.yml", kept, router), work / "moe3", "-q")
+        _, t4 = run_cli(recipe(work / "r4.yml", names, router), work / "moe4", "-q")
         _, t_add = run_cli("edit", work / "moe3", work / "add", "--add", f"{extra}={suite.experts[extra]}",
-                           "--data", suite.train_texts[extra])
-        _, t_drop = run_cli("edit", work / "moe4", work / "drop", "--drop", extra)
+                           "--data", suite.train_texts[extra], "-q")
+        _, t_drop = run_cli("edit", work / "moe4", work / "drop", "--drop", extra, "-q")
         for edit, full, experts, t_edit, t_full in (("add", "moe4", names, t_add, t4),
                                                      ("drop", "moe3", kept, t_drop, t3)):
             # the full build of the edit's own recipe text (moe3/moe4 were built from equivalent recipes)
             (work / f"{edit}-full.yml").write_text((work / edit / RECIPE_FILE).read_text())
-            run_cli(work / f"{edit}-full.yml", work / f"{edit}-full")
+            run_cli(work / f"{edit}-full.yml", work / f"{edit}-full", "-q")
             if "trained" in label:
                 data = {d: suite.eval_texts[d] for d in experts}
                 mine, theirs = perplexities(work / edit, data), perplexities(work / f"{edit}-full", data)

@@ -210,7 +210,8 @@ def test_an_edit_that_leaves_one_expert_or_writes_over_model_is_refused(family, 
 
 
 TRAINED = {"mode": "trained", "experts_per_token": 2, "train": {"steps": 100}}
-# The measured difference between an edit's retrained routers and a full build's (docs/edit.md).
+# An edit's retrained routers are at most this much worse than a full build's, per domain (docs/edit.md
+# has the measured range: retraining from trained rows can also end better).
 TRAINED_TOLERANCE = 0.01
 
 
@@ -234,5 +235,6 @@ def test_trained_routers_are_retrained_within_the_stated_tolerance(domain_suite,
         texts = {d: domain_suite.eval_texts[d] for d in after}
         edited, reference = evaluate(tmp_path / "new", texts), evaluate(full, texts)
     for d in after:
-        assert edited[d].perplexity == pytest.approx(reference[d].perplexity, rel=TRAINED_TOLERANCE)
+        assert edited[d].perplexity <= reference[d].perplexity * (1 + TRAINED_TOLERANCE), d
+        assert edited[d].perplexity >= reference[d].perplexity * 0.9, d  # the same model, not another one
     assert "retrained by `mergekit-mode edit`" in (tmp_path / "new" / "README.md").read_text()
