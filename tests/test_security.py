@@ -26,7 +26,7 @@ SPY = "import pathlib; pathlib.Path({marker!r}).write_text('ran')\n"
 def v(llama, tmp_path) -> Path:
     """The issue's folder V: base/, e0/, e1/ (tiny Llamas with a tokenizer) and r.yml."""
     for name, src in (("base", llama.base), ("e0", llama.experts[0]), ("e1", llama.experts[1])):
-        shutil.copysnapshot(src, tmp_path / name)
+        shutil.copytree(src, tmp_path / name)
     recipe = {"merge_method": "mode", "base_model": "base", "experts": [{"name": "a", "model": "e0"},
               {"name": "b", "model": "e1"}], "router": {"mode": "noisy", "experts_per_token": 2}}
     (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -189,7 +189,7 @@ def converter(tmp_path, monkeypatch) -> Path:
 def with_code(src: Path, dst: Path, *, architecture: str | None = None, auto_map: bool = False,
               script: bool = False) -> Path:
     """A copy of a model folder carrying a tokenizer auto_map, a .py file or another architecture."""
-    shutil.copysnapshot(src, dst)
+    shutil.copytree(src, dst)
     marker = dst.parent / f"{dst.name}-code-ran"
     if auto_map or script:
         (dst / "tokenization_evil.py").write_text(SPY.format(marker=str(marker)))
@@ -243,7 +243,7 @@ def test_data_router_refuses_a_base_tokenizer_auto_map(v, run_cli):
 
 
 def pickle_only(src: Path, dst: Path) -> Path:
-    shutil.copysnapshot(src, dst)
+    shutil.copytree(src, dst)
     (dst / "model.safetensors").unlink()
     (dst / "pytorch_model.bin").write_bytes(b"not even a pickle")
     return dst
@@ -262,7 +262,7 @@ def test_pickle_only_folders_are_refused_everywhere(moe, tmp_path, run_cli, conv
 # 4. export-gguf never writes over what it reads.
 
 def test_export_gguf_outfile_inside_the_model_is_refused(moe, tmp_path, run_cli, converter):
-    model = shutil.copysnapshot(moe, tmp_path / "m")
+    model = shutil.copytree(moe, tmp_path / "m")
     before = snapshot(model)
     expect_error(run_cli("export-gguf", model, "--outfile", model / "model.safetensors", "--force"),
                  "--outfile", "inside MODEL")
@@ -445,7 +445,7 @@ def damaged_copies(folder: Path) -> dict[str, Path]:
 
     def case(name: str, hdr: dict | str, body: bytes) -> None:
         dst = folder.parent / f"{folder.name}-{name}"
-        shutil.copysnapshot(folder, dst)
+        shutil.copytree(folder, dst)
         if isinstance(hdr, str):
             (dst / "model.safetensors").write_bytes(struct.pack("<Q", len(hdr)) + hdr.encode() + body)
         else:
@@ -468,7 +468,7 @@ def test_safetensors_the_library_rejects_are_refused(llama, tmp_path, run_cli):
 
     from tests.conftest import write_recipe
 
-    shutil.copysnapshot(llama.experts[0], tmp_path / "e")
+    shutil.copytree(llama.experts[0], tmp_path / "e")
     cases = damaged_copies(tmp_path / "e")
     assert set(cases) == {"trailing", "alias", "overlap", "duplicate"}
     for name, folder in cases.items():
@@ -562,7 +562,7 @@ def test_tokenizer_link_into_a_hub_cache_blob_is_copied(v, run_cli):
     repo = v / "models--org--base"
     (repo / "blobs").mkdir(parents=True)
     snapshot = repo / "snapshots" / "abc123"
-    shutil.copysnapshot(v / "base", snapshot)
+    shutil.copytree(v / "base", snapshot)
     (snapshot / "tokenizer.model").rename(repo / "blobs" / "f00d")
     (snapshot / "tokenizer.model").symlink_to("../../blobs/f00d")
     recipe = recipe_with(v, lambda d: d.update(base_model=str(snapshot)))
