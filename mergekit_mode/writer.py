@@ -292,6 +292,9 @@ def _same(name: str, parent: int, fd: int) -> bool:
 
 
 def _fill_and_rename(out: Path, stage: Path, parent: int, fd: int) -> Iterator[Path]:
+    """Hand the staging folder out; when it comes back filled, and is still the folder made (not
+    swapped for a link), give it ordinary permissions and rename it into place; on any failure
+    remove it, but only if it is still that folder."""
     try:
         yield stage
         if not _same(stage.name, parent, fd):
