@@ -325,6 +325,9 @@ def main(args: list[str] | None = None) -> None:
     except ModeError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except click.BadParameter as e:  # a bad value (a range, a name too long): one line, as every user mistake
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted", err=True)
         sys.exit(130)
