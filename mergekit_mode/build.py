@@ -10,11 +10,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mergekit_mode.calibration import load_tokenizer
 from mergekit_mode.card import model_card
 from mergekit_mode.errors import ModeError
 from mergekit_mode.executor import execute
-from mergekit_mode.inputs import TOKENIZER_FILES
+from mergekit_mode.inputs import check_tokenizer
 from mergekit_mode.plan import BASE, Plan, build_plan
 from mergekit_mode.recipe import load_recipe
 from mergekit_mode.routers import RouterContext, make_routers
@@ -59,8 +58,6 @@ def write_model(plan: Plan, out: Path, *, force: bool = False, replace_foreign: 
     dev = parse_device(device)
     check_output(plan, out, force, replace_foreign)  # before routers that may train for minutes
     side_files = _side_files(plan)
-    if any(f.name in TOKENIZER_FILES for f in side_files):  # an output whose tokenizer loads, or none
-        load_tokenizer(plan.inputs[BASE].path, "base_model")
     routers = make_routers(plan, RouterContext(dev, quiet))
     entries = [Entry(t.name, t.shape, t.dtype) for t in plan.tensors]
     try:
@@ -116,11 +113,13 @@ def check_apart(plan: Plan, out: Path, also_read: dict[str, Path] | None = None)
 
 def _side_files(plan: Plan) -> list[Path]:
     """The base's tokenizer and generation files to copy, each checked to really be the base's own
-    regular file (a planted link to ~/.ssh/id_rsa must not travel with the model)."""
+    regular file (a planted link to ~/.ssh/id_rsa must not travel with the model) and to parse, so
+    the output's tokenizer loads (or there is none, which the plan warns about)."""
     base = plan.inputs[BASE].path
     files = [base / name for name in _BASE_FILES if os.path.lexists(base / name)]
     for file in files:
         check_regular_inside(file, base, "base_model")
+    check_tokenizer(base, "base_model")
     return files
 
 

@@ -42,6 +42,9 @@ DTYPE_TAGS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items(
 
 # The files a tokenizer is made of (a folder has some of them): what an output's tokenizer is.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
+# Files beside a model that hold JSON objects (tokenizer settings, generation defaults).
+_JSON_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                    "chat_template.json", "generation_config.json")
 
 # Above this a safetensors header is not a header but a damaged file (the format caps it at 100 MB).
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -182,6 +185,29 @@ def read_json(file: Path, field: str = "") -> dict:
     if not isinstance(data, dict):
         raise ModeError(f"{where} is not a JSON object")
     return data
+
+
+def check_tokenizer(folder: Path, field: str) -> None:
+    """Refuse a folder whose tokenizer files do not parse with the libraries that read them
+    (tokenizers for tokenizer.json, sentencepiece for tokenizer.model, JSON for the settings), so no
+    output is built whose tokenizer would not load. The libraries, not transformers: importing that
+    costs seconds a build."""
+    for name in _JSON_SIDE_FILES:
+        if (folder / name).is_file():
+            read_json(folder / name, field)
+    file = folder / "tokenizer.json"
+    try:
+        if file.is_file():
+            import tokenizers
+
+            tokenizers.Tokenizer.from_file(str(file))
+        file = folder / "tokenizer.model"
+        if file.is_file():
+            import sentencepiece
+
+            sentencepiece.SentencePieceProcessor(model_file=str(file))
+    except Exception as e:  # what each library raises for a damaged file (tokenizers: a plain Exception)
+        raise ModeError(f"{field}: {file} does not load as a tokenizer ({(str(e).splitlines() or [''])[0]})") from None
 
 
 def _collect_tensors(path: Path) -> dict[str, TensorInfo]:

@@ -530,12 +530,18 @@ def test_signal_during_export_gguf_leaves_no_partial_file(moe, tmp_path, run_cli
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".x.gguf*"))
 
 
-def test_base_with_a_corrupt_tokenizer_is_refused(v, run_cli):
-    (v / "base" / "tokenizer.model").write_bytes(b"\x00garbage" * 10)
-    result = run_cli(v / "r.yml", v / "out", "-q")
-    errors = [line for line in result.err.splitlines() if not line.startswith("warning: ")]  # experts' differ now
-    assert result.code == 2 and len(errors) == 1 and "Traceback" not in result.err, result.err
-    assert "base_model: cannot load a tokenizer" in errors[0]
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.model", b"\x00garbage" * 10, "tokenizer.model does not load as a tokenizer"),
+    ("tokenizer.json", b'{"version": 1}', "tokenizer.json does not load as a tokenizer"),
+    ("tokenizer_config.json", b"{", "tokenizer_config.json is not valid JSON"),
+])
+def test_base_with_a_corrupt_tokenizer_is_refused(v, run_cli, name, content, message):
+    (v / "base" / name).write_bytes(content)
+    for args in (["validate", v / "r.yml"], [v / "r.yml", v / "out", "-q"]):
+        result = run_cli(*args)
+        errors = [line for line in result.err.splitlines() if not line.startswith("warning: ")]  # experts differ
+        assert result.code == 2 and len(errors) == 1 and "Traceback" not in result.err, result.err
+        assert "base_model: " in errors[0] and message in errors[0], errors
     assert not (v / "out").exists()
 
 
