@@ -50,35 +50,65 @@ def cli() -> None:
     pass
 
 
+class _PathArg(click.Path):
+    """A path argument; a name longer than a filesystem allows is a usage error up front, not an
+    OSError from deep inside a run."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value, param, ctx):
+        from mergekit_mode.safety import name_too_long
+
+        path = super().convert(value, param, ctx)
+        problem = name_too_long(Path(path))
+        if problem:
+            self.fail(problem, param, ctx)
+        return path
+
+
+PATH = _PathArg()
+
+FORCE_HELP = ("Replace OUT if it exists and is not empty; only a folder that mergekit-mode wrote (it holds "
+              "mergekit_mode_recipe.yml), so a mistyped path cannot delete your files.")
+FORCE_FOREIGN_HELP = ("Replace OUT whatever it holds, also a folder mergekit-mode did not write: everything in it "
+                      "is deleted. Implies --force.")
+
+
 def _warn(plan) -> None:
     for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)
 
 
 @cli.command()
-@click.argument("recipe", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("recipe", type=PATH)
+@click.argument("out", type=PATH)
 @click.option("--dry-run", is_flag=True, help="Print the plan (every output tensor, shape, dtype, source) and stop.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+@click.option("--force-foreign", is_flag=True, help=FORCE_FOREIGN_HELP)
 @click.option("--device", default="cpu", show_default=True, help="Where tensors are computed: cpu, cuda, cuda:N.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--keep-failed", is_flag=True, help="When a recipe check fails, keep OUT for inspection (exit code "
               "still 1).")
-def build(recipe: Path, out: Path, dry_run: bool, force: bool, device: str, quiet: bool, keep_failed: bool) -> None:
+def build(recipe: Path, out: Path, dry_run: bool, force: bool, force_foreign: bool, device: str, quiet: bool,
+          keep_failed: bool) -> None:
     """Build the model described by RECIPE into the folder OUT.
 
     OUT is built in a hidden folder beside it and renamed into place when complete: an interrupted
-    or failed run leaves no OUT behind (and an existing OUT untouched). The recipe's `checks:` run
-    on the finished model first: a failed check prints its table, leaves no OUT and exits with 1.
+    or failed run leaves no OUT behind (and an existing OUT untouched). OUT may not be, contain or
+    lie inside anything the recipe reads (models, adapters, data files, the recipe itself). The
+    recipe's `checks:` run on the finished model first: a failed check prints its table, leaves
+    no OUT and exits with 1.
     """
-    from mergekit_mode.build import plan_recipe
+    from mergekit_mode.build import parse_device, plan_recipe
 
+    parse_device(device)
     plan = plan_recipe(recipe)
     _warn(plan)
     if dry_run:
         click.echo(plan.describe())
         return
-    _write(plan, out, quiet, force=force, device=device, keep_failed=keep_failed)
+    _write(plan, out, quiet, force=force, replace_foreign=force_foreign, device=device, keep_failed=keep_failed)
 
 
 def _write(plan, out: Path, quiet: bool, **options) -> None:
@@ -99,7 +129,7 @@ def _write(plan, out: Path, quiet: bool, **options) -> None:
 
 
 @cli.command()
-@click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("recipes", nargs=-1, required=True, type=PATH)
 def validate(recipes: tuple[Path, ...]) -> None:
     """Check RECIPES and their inputs without reading weights (LoRA biases aside: a few vectors).
 
@@ -140,8 +170,10 @@ def _data_options(command):
         click.option("--data", "data", multiple=True, required=True, metavar="NAME=FILE",
                      help="A domain's text: plain text (one document per line) or .jsonl with 'text'. Repeatable."),
         click.option("--ctx", default=128, show_default=True, help="Window length in tokens (non-overlapping windows)."),
-        click.option("--max-tokens", default=50_000, show_default=True, help="Tokens read from the start of each file."),
-        click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass."),
+        click.option("--max-tokens", default=50_000, show_default=True, type=click.IntRange(min=1),
+                     help="Tokens read from the start of each file."),
+        click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+                     help="Windows per forward pass."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N."),
     ]
     for option in reversed(options):
@@ -150,7 +182,7 @@ def _data_options(command):
 
 
 def _eval_options(command):
-    return click.argument("model", type=click.Path(path_type=Path))(_data_options(command))
+    return click.argument("model", type=PATH)(_data_options(command))
 
 
 def _run_eval(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str):
@@ -195,7 +227,7 @@ def eval_command(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, 
               help="A domain fails when its perplexity is above R times its reference's.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"against", "max_ratio", "passed", "domains": {NAME: '
               '{perplexity, reference, reference_perplexity, ratio, passed, tokens}}}.')
-@click.option("--recipe-dir", type=click.Path(path_type=Path), default=None,
+@click.option("--recipe-dir", type=PATH, default=None,
               help="Where the relative paths of MODEL's recipe resolve (default: the recipe's folder at build time).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def check(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str, against: str,
@@ -211,9 +243,9 @@ def check(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_s
     from mergekit_mode.build import parse_device
     from mergekit_mode.check import run_check
     from mergekit_mode.evaluate import parse_data
-    from mergekit_mode.provenance import built_recipe
     from pydantic import ValidationError
 
+    from mergekit_mode.provenance import built_recipe
     from mergekit_mode.recipe import CheckSpec
 
     files = {name: path.absolute() for name, path in parse_data(data).items()}
@@ -231,7 +263,7 @@ def check(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_s
 
 @cli.command()
 @_eval_options
-@click.option("--plot", type=click.Path(path_type=Path), help="Write a routing heatmap per domain (PNG/PDF/SVG).")
+@click.option("--plot", type=PATH, help="Write a routing heatmap per domain (PNG/PDF/SVG).")
 def report(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str,
            plot: Path | None) -> None:
     """The eval table of MODEL and, with --plot, a heatmap per domain of the expert shares per
@@ -250,11 +282,13 @@ def report(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_
 
 
 @cli.command()
-@click.argument("out", type=click.Path(path_type=Path), default=Path("demo-out"))
+@click.argument("out", type=PATH, default=Path("demo-out"))
 @click.option("--pretrain-steps", default=150, show_default=True, help="Training steps of the tiny base.")
 @click.option("--finetune-steps", default=150, show_default=True, help="Training steps of each expert.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
-def demo(out: Path, pretrain_steps: int, finetune_steps: int, force: bool) -> None:
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty; only a folder an earlier "
+              "demo made, so a mistyped path cannot delete your files.")
+@click.option("--force-foreign", is_flag=True, help=FORCE_FOREIGN_HELP)
+def demo(out: Path, pretrain_steps: int, finetune_steps: int, force: bool, force_foreign: bool) -> None:
     """Train tiny domain experts on this machine and build a MoE of them into OUT.
 
     Needs no download: it makes four synthetic text domains, a tokenizer, a tiny Llama base and
@@ -263,15 +297,16 @@ def demo(out: Path, pretrain_steps: int, finetune_steps: int, force: bool) -> No
     """
     from mergekit_mode.demo import demo as run_demo
 
-    run_demo(out, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, force=force)
+    run_demo(out, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, force=force,
+             replace_foreign=force_foreign)
 
 
 @cli.command("export-gguf")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=PATH)
 @click.option("--outtype", type=click.Choice(["f16", "bf16", "q8_0", "f32"]), default="f16", show_default=True,
               help="Tensor type of the GGUF file.")
-@click.option("--outfile", type=click.Path(path_type=Path), default=None,
-              help="GGUF file to write (default: MODEL-OUTTYPE.gguf beside MODEL).")
+@click.option("--outfile", type=PATH, default=None,
+              help="GGUF file to write (default: MODEL-OUTTYPE.gguf beside MODEL); not inside MODEL.")
 @click.option("--force", is_flag=True, help="Replace OUTFILE (and its Modelfile) if it exists.")
 @click.option("--ollama", is_flag=True, help="Also write an Ollama Modelfile beside it (OUTFILE's name with "
               ".Modelfile): the chat template as Ollama's Go template, stop tokens, generation parameters.")
@@ -281,12 +316,15 @@ def export_gguf(model: Path, outtype: str, outfile: Path | None, force: bool, ol
     The converter (llama.cpp's convert_hf_to_gguf.py) is not part of mergekit-mode: set
     LLAMA_CPP_CONVERTER to its path, or run `.ci/setup-runtimes llama.cpp` in a mergekit-mode
     checkout, which takes it from the llama-cpp-python sdist on PyPI (see the README).
+
+    The converter imports a folder's code for some architectures, so MODEL must be what
+    mergekit-mode writes (its architectures, safetensors only, no auto_map, no .py files).
     """
     from mergekit_mode import gguf
 
     model = model.resolve() if model.exists() else model
     outfile = outfile or model.with_name(f"{model.name}-{outtype}.gguf")
-    if outfile.exists() and not force:
+    if outfile.exists() and not outfile.is_dir() and not force:
         raise ModeError(f"--outfile: {outfile} exists (use --force to replace it)")
     modelfile = outfile.with_suffix(".Modelfile")
     if ollama:
@@ -316,31 +354,35 @@ def export_gguf(model: Path, outtype: str, outfile: Path | None, force: bool, ol
 
 
 @cli.command()
-@click.argument("recipe", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("recipe", type=PATH)
+@click.argument("out", type=PATH)
 @click.option("--router", "routers", default="gateless,noisy,hidden,trained", show_default=True,
               help="Comma-separated router modes; each is built into OUT/<mode>.")
 @_data_options
-@click.option("--force", is_flag=True, help="Replace OUT/<mode> folders that exist and are not empty.")
+@click.option("--force", is_flag=True, help="Replace OUT/<mode> folders that exist and are not empty; only "
+              "folders mergekit-mode wrote.")
+@click.option("--force-foreign", is_flag=True, help="Replace OUT/<mode> folders whatever they hold. Implies --force.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def sweep(recipe: Path, out: Path, routers: str, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int,
-          device: str, force: bool, quiet: bool) -> None:
+          device: str, force: bool, force_foreign: bool, quiet: bool) -> None:
     """Build RECIPE once per router mode into OUT/<mode>/ and print their perplexity side by side.
 
     The recipe's router block is replaced by each mode, keeping its settings where they apply (top-k,
     seed, std, pooling, data limits, train). Every variant is planned before any is built; the --data
     text is tokenized once. Table: one row per domain, one column per mode, the best marked *.
     """
+    from mergekit_mode.build import parse_device
     from mergekit_mode.evaluate import parse_data
     from mergekit_mode.sweep import format_sweep, parse_modes, plan_variants, sweep as run_sweep
 
+    parse_device(device)
     domains = parse_data(data)
-    plans = plan_variants(recipe, parse_modes(routers), out, force)
+    plans = plan_variants(recipe, parse_modes(routers), out, force, domains, replace_foreign=force_foreign)
     for mode, plan in plans.items():
         for warning in plan.warnings:
             click.echo(f"warning: {mode}: {warning}", err=True)
     results = run_sweep(plans, out, domains, ctx=ctx, max_tokens=max_tokens, batch_size=batch_size, device=device,
-                        force=force, quiet=quiet)
+                        force=force, replace_foreign=force_foreign, quiet=quiet)
     click.echo(format_sweep(results))
 
 
@@ -354,22 +396,24 @@ def _named_path(value: str | None, option: str) -> tuple[str, Path] | None:
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=Path))
-@click.argument("new", type=click.Path(path_type=Path))
+@click.argument("model", type=PATH)
+@click.argument("new", type=PATH)
 @click.option("--drop", metavar="NAME", help="Remove expert NAME.")
 @click.option("--replace", "replace_", metavar="NAME=PATH", help="Expert NAME becomes the model or adapter folder PATH.")
 @click.option("--add", metavar="NAME=PATH", help="Add the model or adapter folder PATH as expert NAME (last).")
-@click.option("--data", type=click.Path(path_type=Path), help="The new expert's text (router data for hidden and "
+@click.option("--data", type=PATH, help="The new expert's text (router data for hidden and "
               "trained routers), with --add or --replace.")
-@click.option("--recipe-dir", type=click.Path(path_type=Path), default=None,
+@click.option("--recipe-dir", type=PATH, default=None,
               help="Where the relative paths of MODEL's recipe resolve (default: the recipe's folder at build time).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (copied tensors read `previous build:`) and stop.")
-@click.option("--force", is_flag=True, help="Replace NEW if it exists and is not empty.")
+@click.option("--force", is_flag=True, help=FORCE_HELP.replace("OUT", "NEW"))
+@click.option("--force-foreign", is_flag=True, help=FORCE_FOREIGN_HELP.replace("OUT", "NEW"))
 @click.option("--device", default="cpu", show_default=True, help="Where tensors are computed: cpu, cuda, cuda:N.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--keep-failed", is_flag=True, help="When a recipe check fails, keep NEW for inspection.")
 def edit(model: Path, new: Path, drop: str | None, replace_: str | None, add: str | None, data: Path | None,
-         recipe_dir: Path | None, dry_run: bool, force: bool, device: str, quiet: bool, keep_failed: bool) -> None:
+         recipe_dir: Path | None, dry_run: bool, force: bool, force_foreign: bool, device: str, quiet: bool,
+         keep_failed: bool) -> None:
     """Drop, replace or add one expert of MODEL (a folder mergekit-mode built) into NEW.
 
     NEW is what a build of the edited recipe gives (it carries that recipe and its card): tensors
@@ -390,17 +434,22 @@ def edit(model: Path, new: Path, drop: str | None, replace_: str | None, add: st
         return
     if not quiet:
         click.echo(surgery.summary(), err=True)
-    _write(plan, new, quiet, force=force, device=device, keep_failed=keep_failed, edit=how)
+    _write(plan, new, quiet, force=force, replace_foreign=force_foreign, device=device, keep_failed=keep_failed,
+           edit=how)
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+# Signals that end a run: each cleans up like Ctrl-C (no staging folder, no partial .gguf left).
+INTERRUPTS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point: exit code 0 on success, 2 on a user error (one line, no traceback)."""
-    # A plain `kill` (SIGTERM) cleans up like Ctrl-C: no staging folder is left behind.
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in INTERRUPTS:  # a plain `kill`, a closed terminal, ...
+        signal.signal(signum, _interrupt)
     try:
         cli.main(args=args, prog_name="mergekit-mode", standalone_mode=False)
     except CheckFailed as e:
@@ -408,6 +457,9 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(1)
     except ModeError as e:
         click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.BadParameter as e:  # a bad value (a range, a name too long): one line, as every user mistake
+        click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted", err=True)

@@ -36,7 +36,7 @@ from mergekit_mode.inputs import ModelFolder, TensorReader
 from mergekit_mode.ops import Copy, RouterWeights, Source
 from mergekit_mode.plan import Plan, build_plan
 from mergekit_mode.provenance import built_recipe, folder_stamp, read_record, row_keys, versions
-from mergekit_mode.recipe import LoadedRecipe, parse_recipe
+from mergekit_mode.recipe import LoadedRecipe, load_yaml, parse_recipe
 from mergekit_mode.routers import RouterContext, calibration, hidden_rows, make_routers
 
 PREVIOUS = "previous build"  # the input key of MODEL in the edit's execution plan (a name with a space)
@@ -69,7 +69,7 @@ def edited_recipe(loaded: LoadedRecipe, drop: Optional[str], replace_: Optional[
                   add: Optional[tuple[str, Path]], data: Optional[Path]) -> LoadedRecipe:
     """The recipe with one expert dropped, replaced or added; checks of a dropped expert's domain go
     with it. It resolves against the same folder as the original."""
-    spec = yaml.safe_load(loaded.text)
+    spec = load_yaml(loaded.text, str(loaded.path))
     experts = spec["experts"]
     if sum(x is not None for x in (drop, replace_, add)) != 1:
         raise ModeError("give one of --drop NAME, --replace NAME=PATH, --add NAME=PATH")

@@ -8,6 +8,7 @@ memory flat however many layers the model has.
 
 from __future__ import annotations
 
+import filecmp
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from mergekit_mode.errors import ModeError
 from mergekit_mode.experts import (Expert, Input, adapter_warnings, check_tied_lm_head, embedding_op, experts_of,
                                    model_key, shared_op, stem_op)
 from mergekit_mode.formats import mixtral
-from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder, TensorInfo
+from mergekit_mode.inputs import DTYPE_TAGS, TOKENIZER_FILES, ModelFolder, TensorInfo
 from mergekit_mode.ops import BASE, Op, RouterWeights, Source
 from mergekit_mode.recipe import DATA_MODES, LoadedRecipe
 from mergekit_mode.tokenizer_audit import Carried, audit
@@ -100,8 +101,8 @@ def open_inputs(loaded: LoadedRecipe) -> tuple[dict[str, Input], dict[str, str]]
     Returns the inputs by key (BASE, expert names, model_key(name) for adapters' fine-tunes) and the
     recipe field each key came from, for error messages."""
     recipe = loaded.recipe
-    base = ModelFolder.open(loaded.resolve(recipe.base_model), "base_model")
-    mixtral.check_base_config(base.config, "base_model")
+    base = ModelFolder.open_to_load(loaded.resolve(recipe.base_model), "base_model")  # its tokenizer is
+    mixtral.check_base_config(base.config, "base_model")  # copied into the output and loaded
     inputs: dict[str, Input] = {BASE: base}
     fields = {BASE: "base_model"}
     for i, (spec, name) in enumerate(zip(recipe.experts, recipe.expert_names)):
@@ -168,6 +169,33 @@ def _warnings(
         yield (f"experts' data/prompts are not used by router.mode {recipe.router.mode} "
                f"(only by {' and '.join(DATA_MODES)})")
     yield from adapter_warnings(inputs, experts, fields, recipe, stem.inputs if stem else None)
+    yield from _model_warnings(inputs, fields)
+
+
+def _model_warnings(inputs: dict[str, Input], fields: dict[str, str]) -> Iterator[str]:
+    """What the output takes from the base alone and an expert may disagree with: rope_theta,
+    hidden_act and the tokenizer (Mixtral has one of each; an expert trained with others fits less)."""
+    base = inputs[BASE]
+    assert isinstance(base, ModelFolder)
+    if not any((base.path / name).is_file() for name in TOKENIZER_FILES):
+        yield f"base_model: {base.path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); the output will have none"
+    for key, folder in inputs.items():
+        if key == BASE or not isinstance(folder, ModelFolder):
+            continue
+        for what, value in (("rope_theta", mixtral.rope_theta), ("hidden_act", _hidden_act)):
+            if value(folder.config) != value(base.config):
+                yield (f"{fields[key]}: {what} is {value(folder.config)}, the base's is {value(base.config)}; the "
+                       "output uses the base's")
+        differing = [name for name in TOKENIZER_FILES if (folder.path / name).is_file()
+                     and not ((base.path / name).is_file() and filecmp.cmp(folder.path / name, base.path / name,
+                                                                           shallow=False))]
+        if differing:
+            yield (f"{fields[key]}: its tokenizer ({differing[0]}) differs from the base's; the output uses the "
+                   "base's")
+
+
+def _hidden_act(config: dict) -> str:
+    return str(config.get("hidden_act", "silu"))
 
 
 def _resolve_stem(recipe, names: list[str]) -> Stem | None:

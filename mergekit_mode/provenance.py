@@ -18,17 +18,16 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-import yaml
-
 from mergekit_mode import __version__
 from mergekit_mode.errors import ModeError
 from mergekit_mode.ops import BASE
-from mergekit_mode.recipe import LoadedRecipe, parse_recipe
+from mergekit_mode.recipe import LoadedRecipe, load_recipe
+from mergekit_mode.safety import read_small_file
+from mergekit_mode.writer import RECIPE_FILE
 
 if TYPE_CHECKING:
     from mergekit_mode.plan import Plan
 
-RECIPE_FILE = "mergekit_mode_recipe.yml"
 BUILD_FILE = "mergekit_mode_build.json"
 FORMAT = 1
 
@@ -90,8 +89,8 @@ def record(plan: Plan, out: Path) -> dict:
     }
 
 
-def write_record(plan: Plan, stage: Path, out: Path) -> None:
-    (stage / BUILD_FILE).write_text(json.dumps(record(plan, out), indent=1, sort_keys=True) + "\n")
+def record_bytes(plan: Plan, out: Path) -> bytes:
+    return (json.dumps(record(plan, out), indent=1, sort_keys=True) + "\n").encode()
 
 
 def read_record(model: Path) -> Optional[dict]:
@@ -100,8 +99,8 @@ def read_record(model: Path) -> Optional[dict]:
     if not file.is_file():
         return None
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        data = json.loads(read_small_file(file))
+    except (ValueError, UnicodeDecodeError) as e:
         raise ModeError(f"MODEL: {file} is not valid JSON ({e})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ModeError(f"MODEL: {file} is not a build record this mergekit-mode reads (format {FORMAT})")
@@ -111,16 +110,10 @@ def read_record(model: Path) -> Optional[dict]:
 def built_recipe(model: Path, recipe_dir: Optional[Path] = None) -> LoadedRecipe:
     """The recipe a model folder was built from, with its paths resolving where they did at build time:
     against `recipe_dir` when given, else the folder the build record names (else MODEL's parent)."""
-    file = model / RECIPE_FILE
-    if not file.is_file():
+    if not (model / RECIPE_FILE).is_file():
         raise ModeError(f"MODEL: {model} has no {RECIPE_FILE}; give a folder that mergekit-mode built")
-    text = file.read_text(encoding="utf-8")
+    loaded = load_recipe(model / RECIPE_FILE)
     if recipe_dir is None:
         build = read_record(model)
         recipe_dir = (model / build["recipe_dir"]) if build else model.parent
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ModeError(f"MODEL: {file} is not valid YAML ({e})") from None
-    recipe = parse_recipe(data, str(file))
-    return LoadedRecipe(recipe=recipe, path=Path(os.path.normpath(recipe_dir)) / RECIPE_FILE, text=text)
+    return LoadedRecipe(recipe=loaded.recipe, path=Path(os.path.normpath(recipe_dir)) / RECIPE_FILE, text=loaded.text)

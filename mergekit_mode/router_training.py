@@ -140,7 +140,8 @@ def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx
     top_k = int(plan.config["num_experts_per_tok"])
     with tempfile.TemporaryDirectory(prefix="mergekit-mode-lm-") as tmp:
         _write_moe(plan, init, Path(tmp), ctx.device)
-        model = MixtralForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(ctx.device).eval()
+        model = MixtralForCausalLM.from_pretrained(tmp, dtype=torch.float32, trust_remote_code=False,
+                                                   local_files_only=True).to(ctx.device).eval()
     model.requires_grad_(False)
     gates = [layer.mlp.gate.weight for layer in model.model.layers]
     for gate in gates:

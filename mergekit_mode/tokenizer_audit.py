@@ -16,6 +16,7 @@ is its BOS token is carried with pad unset (mergekit saves its tokenizers with p
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -23,6 +24,7 @@ from typing import Iterator, Optional, Union
 from mergekit_mode.errors import ModeError
 from mergekit_mode.inputs import read_json
 from mergekit_mode.recipe import FromExpert, LoadedRecipe, RESERVED_NAME
+from mergekit_mode.safety import check_regular_inside, read_small_file
 
 # Files that define the token ids (a folder may carry several forms of the same vocabulary).
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -113,17 +115,28 @@ def _chat_template(folder: Path, where: str, config: dict) -> object:
     """As transformers finds it: chat_template.jinja, then chat_template.json, then tokenizer_config.json."""
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+        try:
+            return read_small_file(jinja).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ModeError(f"{where}: {jinja} is not UTF-8 text") from None
     as_json = folder / "chat_template.json"
     if as_json.is_file():
         return read_json(as_json, where).get("chat_template")
     return config.get("chat_template")
 
 
+def _check_own(folder: Path, names: tuple[str, ...], where: str) -> None:
+    """Each of these files that the folder has is its own regular file: no link points us elsewhere."""
+    for name in names:
+        if os.path.lexists(folder / name):
+            check_regular_inside(folder / name, folder, where)
+
+
 def read_tokenizer(folder: Path, where: str) -> Optional[Tokenizer]:
     """The folder's tokenizer as its files state it; None when it carries no tokenizer files."""
     if not any((folder / name).is_file() for name in VOCAB_FILES + SETTINGS_FILES):
         return None
+    _check_own(folder, VOCAB_FILES + SETTINGS_FILES, where)
     config_file = folder / "tokenizer_config.json"
     config = read_json(config_file, where) if config_file.is_file() else {}
     map_file = folder / "special_tokens_map.json"
@@ -178,6 +191,7 @@ def _settings_differ(base: Tokenizer, expert: Tokenizer) -> list[str]:
 def _generation(folder: Optional[Path], where: str) -> Optional[dict]:
     if folder is None or not (folder / GENERATION_FILE).is_file():
         return None
+    _check_own(folder, (GENERATION_FILE,), where)
     config = read_json(folder / GENERATION_FILE, where)
     config.pop("transformers_version", None)  # written by whichever transformers saved it
     return config
@@ -191,6 +205,7 @@ class Carried:
     chat_template: str  # `base_model` or the expert whose tokenizer settings were taken
     generation_config: Optional[str]  # the same for generation_config.json; None when there is none
     notes: tuple[str, ...]  # what the card says besides the choice (e.g. a pad token left unset)
+    folders: tuple[tuple[Path, str], ...] = ()  # the folders the files come from, with their recipe field
 
     def card_text(self) -> str:
         who = {RESERVED_NAME: "the base model's"}
@@ -253,7 +268,7 @@ def _differences(loaded: LoadedRecipe, base: Optional[Tokenizer], base_folder: P
 
 
 def _tokenizer_files(policy: object, base_folder: Path, experts: dict[str, _Folders],
-                     files: dict[str, Content], notes: list[str]) -> str:
+                     files: dict[str, Content], notes: list[str], folders: dict[Path, str]) -> str:
     """The vocabulary files (the base's, with the chosen expert's over them: the ids are equal) and the
     chosen folder's settings files; returns who they come from."""
     settings_folder, source = base_folder, RESERVED_NAME
@@ -264,6 +279,7 @@ def _tokenizer_files(policy: object, base_folder: Path, experts: dict[str, _Fold
             raise ModeError(f"chat_template.from: expert {source!r} carries no tokenizer settings "
                             f"({', '.join(SETTINGS_FILES)})")
         settings_folder = chosen.folder
+        folders[settings_folder] = chosen.where
     for folder in dict.fromkeys([base_folder, settings_folder]):
         files.update({name: folder / name for name in VOCAB_FILES if (folder / name).is_file()})
     files.update({name: settings_folder / name for name in SETTINGS_FILES if (settings_folder / name).is_file()})
@@ -279,7 +295,7 @@ def _tokenizer_files(policy: object, base_folder: Path, experts: dict[str, _Fold
 
 
 def _generation_file(policy: object, base_folder: Path, experts: dict[str, _Folders],
-                     files: dict[str, Content], notes: list[str]) -> Optional[str]:
+                     files: dict[str, Content], notes: list[str], folders: dict[Path, str]) -> Optional[str]:
     """The chosen generation_config.json; returns who it comes from (None: there is none)."""
     source: str = RESERVED_NAME
     folder: Optional[Path] = base_folder if (base_folder / GENERATION_FILE).is_file() else None
@@ -287,9 +303,11 @@ def _generation_file(policy: object, base_folder: Path, experts: dict[str, _Fold
         source, folder = policy.from_, experts[policy.from_].generation_folder
         if folder is None:
             raise ModeError(f"generation_config.from: expert {source!r} has no {GENERATION_FILE}")
+        folders[folder] = experts[source].generation_where
     if folder is None:
         return None
     file = files[GENERATION_FILE] = folder / GENERATION_FILE
+    _check_own(folder, (GENERATION_FILE,), folders.get(folder, "base_model"))
     generation = read_json(file, "generation_config")
     if generation.get("pad_token_id") is not None and generation["pad_token_id"] == generation.get("bos_token_id"):
         files[GENERATION_FILE] = _unpadded_json(file, "pad_token_id")
@@ -304,7 +322,9 @@ def audit(loaded: LoadedRecipe, base_folder: Path) -> tuple[Carried, list[str]]:
     warnings = list(_differences(loaded, read_tokenizer(base_folder, "base_model"), base_folder, experts))
     files: dict[str, Content] = {}
     notes: list[str] = []
-    template_from = _tokenizer_files(loaded.recipe.chat_template, base_folder, experts, files, notes)
-    generation_from = _generation_file(loaded.recipe.generation_config, base_folder, experts, files, notes)
-    carried = Carried(tuple(sorted(files.items())), template_from, generation_from, tuple(notes))
+    folders = {base_folder: "base_model"}
+    template_from = _tokenizer_files(loaded.recipe.chat_template, base_folder, experts, files, notes, folders)
+    generation_from = _generation_file(loaded.recipe.generation_config, base_folder, experts, files, notes, folders)
+    carried = Carried(tuple(sorted(files.items())), template_from, generation_from, tuple(notes),
+                      tuple(folders.items()))
     return carried, warnings + notes

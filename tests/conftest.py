@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,23 @@ def write_recipe(path: Path, base: Path, experts: list[Path], names: list[str] |
     recipe = {"base_model": str(base), "experts": specs, **extra}
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every entry under `root`, links not followed: file digests, link targets, folders (what a
+    run must leave as it was)."""
+    entries = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(folder) / name
+            key = str(p.relative_to(root))
+            if p.is_symlink():
+                entries[key] = "link -> " + os.readlink(p)
+            elif p.is_dir():
+                entries[key] = "folder"
+            else:
+                entries[key] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return entries
 
 
 @pytest.fixture(scope="session")
