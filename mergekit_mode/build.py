@@ -15,7 +15,6 @@ from mergekit_mode.card import model_card
 from mergekit_mode.check import CheckReport, gate, run_recipe_checks
 from mergekit_mode.errors import ModeError
 from mergekit_mode.executor import execute
-from mergekit_mode.inputs import check_tokenizer
 from mergekit_mode.plan import Plan, build_plan
 from mergekit_mode.provenance import BUILD_FILE, record_bytes
 from mergekit_mode.recipe import load_recipe
@@ -128,12 +127,10 @@ def check_apart(plan: Plan, out: Path, also_read: dict[str, Path] | None = None)
 
 
 def _side_files(plan: Plan) -> list[tuple[str, Path | bytes]]:
-    """The tokenizer and generation files to carry (tokenizer_audit chose them), each checked to
-    really be its folder's own regular file (a planted link to ~/.ssh/id_rsa must not travel with the
-    model), and each tokenizer they come from to parse, so the output's tokenizer loads."""
+    """The tokenizer and generation files to carry (tokenizer_audit chose them, and loaded each
+    tokenizer they come from), each checked to really be its folder's own regular file (a planted
+    link to ~/.ssh/id_rsa must not travel with the model)."""
     carried = plan.carried
-    for folder, field in carried.folders:
-        check_tokenizer(folder, field)
     for name, content in carried.files:
         if isinstance(content, Path):
             check_regular_inside(content, content.parent, dict(carried.folders).get(content.parent, name))

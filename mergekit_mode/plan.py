@@ -8,7 +8,6 @@ memory flat however many layers the model has.
 
 from __future__ import annotations
 
-import filecmp
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,8 +172,9 @@ def _warnings(
 
 
 def _model_warnings(inputs: dict[str, Input], fields: dict[str, str]) -> Iterator[str]:
-    """What the output takes from the base alone and an expert may disagree with: rope_theta,
-    hidden_act and the tokenizer (Mixtral has one of each; an expert trained with others fits less)."""
+    """What the output takes from the base alone and an expert may disagree with: rope_theta and
+    hidden_act (Mixtral has one of each; an expert trained with others fits less). Tokenizers are
+    compared token by token by tokenizer_audit."""
     base = inputs[BASE]
     assert isinstance(base, ModelFolder)
     if not any((base.path / name).is_file() for name in TOKENIZER_FILES):
@@ -186,12 +186,6 @@ def _model_warnings(inputs: dict[str, Input], fields: dict[str, str]) -> Iterato
             if value(folder.config) != value(base.config):
                 yield (f"{fields[key]}: {what} is {value(folder.config)}, the base's is {value(base.config)}; the "
                        "output uses the base's")
-        differing = [name for name in TOKENIZER_FILES if (folder.path / name).is_file()
-                     and not ((base.path / name).is_file() and filecmp.cmp(folder.path / name, base.path / name,
-                                                                           shallow=False))]
-        if differing:
-            yield (f"{fields[key]}: its tokenizer ({differing[0]}) differs from the base's; the output uses the "
-                   "base's")
 
 
 def _hidden_act(config: dict) -> str:

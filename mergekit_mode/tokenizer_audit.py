@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 from mergekit_mode.errors import ModeError
-from mergekit_mode.inputs import read_json
+from mergekit_mode.inputs import check_tokenizer, read_json
 from mergekit_mode.recipe import FromExpert, LoadedRecipe, RESERVED_NAME
 from mergekit_mode.safety import check_regular_inside, read_small_file
 
@@ -87,10 +87,7 @@ def _main_vocab(folder: Path, where: str) -> tuple[dict[str, int], Optional[Path
     if spm_file.is_file():
         import sentencepiece
 
-        try:
-            sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_file))
-        except (OSError, RuntimeError) as e:
-            raise ModeError(f"{where}: {spm_file} is not a sentencepiece model ({e})") from None
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_file))  # check_tokenizer loaded it once
         return {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}, spm_file
     vocab_json = folder / "vocab.json"
     if vocab_json.is_file():
@@ -137,6 +134,7 @@ def read_tokenizer(folder: Path, where: str) -> Optional[Tokenizer]:
     if not any((folder / name).is_file() for name in VOCAB_FILES + SETTINGS_FILES):
         return None
     _check_own(folder, VOCAB_FILES + SETTINGS_FILES, where)
+    check_tokenizer(folder, where)  # each file parses with the library that reads it
     config_file = folder / "tokenizer_config.json"
     config = read_json(config_file, where) if config_file.is_file() else {}
     map_file = folder / "special_tokens_map.json"

@@ -15,6 +15,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from mergekit_mode.ollama import make_modelfile
+from tests.conftest import write_recipe
 
 # --- Ollama's Modelfile parser (parser.go ParseFile), ported ---------------------------------------
 
@@ -252,7 +253,12 @@ def test_export_gguf_ollama_writes_the_modelfile_beside_the_gguf(llama, tmp_path
     converter = tmp_path / "convert_hf_to_gguf.py"
     converter.write_text("import sys\nopen(sys.argv[sys.argv.index('--outfile') + 1], 'wb').write(b'GGUF')\n")
     monkeypatch.setenv("LLAMA_CPP_CONVERTER", str(converter))
-    folder = _model(llama.base, tmp_path / "moe", CHATML)
+    recipe = write_recipe(tmp_path / "r.yml", llama.base, llama.experts[:2], chat_template={"from": "chat"},
+                          names=["chat", "other"])
+    chat = _model(llama.experts[0], tmp_path / "chat", CHATML)
+    recipe.write_text(recipe.read_text().replace(str(llama.experts[0]), str(chat)))
+    assert run_cli(recipe, tmp_path / "moe", "-q").code == 0
+    folder = tmp_path / "moe"
     result = run_cli("export-gguf", folder, "--ollama")
     assert result.code == 0, result.err
     assert (tmp_path / "moe-f16.gguf").read_bytes() == b"GGUF"
