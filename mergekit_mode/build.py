@@ -4,29 +4,34 @@ from __future__ import annotations
 
 import errno
 import json
-import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
 from mergekit_mode.card import model_card
+from mergekit_mode.check import CheckReport, gate, run_recipe_checks
 from mergekit_mode.errors import ModeError
 from mergekit_mode.executor import execute
-from mergekit_mode.inputs import check_tokenizer
-from mergekit_mode.plan import BASE, Plan, build_plan
+from mergekit_mode.plan import Plan, build_plan
+from mergekit_mode.provenance import BUILD_FILE, record_bytes
 from mergekit_mode.recipe import load_recipe
 from mergekit_mode.routers import RouterContext, make_routers
 from mergekit_mode.safety import check_regular_inside, contains
 from mergekit_mode.writer import (RECIPE_FILE, Entry, ShardedWriter, check_destination, copy_new, create_file,
                                   staged_output)
 
-# Files of the base that travel with the model: tokenizer and generation defaults.
-_BASE_FILES = (
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-    "generation_config.json",
-)
+
+@dataclass(frozen=True)
+class Edit:
+    """A build that takes what it can from a previous one (`mergekit-mode edit`): `execution` is the
+    plan with unchanged tensors copied from that build, `routers` makes the routers the edit needs."""
+
+    execution: Plan
+    routers: Callable[[RouterContext], list[torch.Tensor]]
+    card_note: Optional[str] = None
 
 
 def parse_device(device: str) -> torch.device:
@@ -53,12 +58,17 @@ def plan_recipe(recipe_path: Path) -> Plan:
 
 
 def write_model(plan: Plan, out: Path, *, force: bool = False, replace_foreign: bool = False, device: str = "cpu",
-                quiet: bool = False) -> None:
-    """Build the plan's model into `out`. Either `out` ends complete, or it is left as it was."""
+                quiet: bool = False, keep_failed: bool = False, edit: Edit | None = None) -> tuple[CheckReport, ...]:
+    """Build the plan's model into `out`. Either `out` ends complete, or it is left as it was.
+
+    The recipe's `checks:` run on the finished model before it is renamed into place: when one fails,
+    CheckFailed is raised and `out` is left as it was, unless `keep_failed`. `edit`: how `edit` makes
+    the same model from a previous build (what to execute, its routers, a line for the card)."""
     dev = parse_device(device)
-    check_output(plan, out, force, replace_foreign)  # before routers that may train for minutes
+    execution = edit.execution if edit else plan
+    check_output(execution, out, force, replace_foreign)  # before routers that may train for minutes
     side_files = _side_files(plan)
-    routers = make_routers(plan, RouterContext(dev, quiet))
+    routers = edit.routers(RouterContext(dev, quiet)) if edit else make_routers(plan, RouterContext(dev, quiet))
     entries = [Entry(t.name, t.shape, t.dtype) for t in plan.tensors]
     try:
         with staged_output(out, force, plan.total_bytes, replace_foreign=replace_foreign) as stage:
@@ -73,15 +83,20 @@ def write_model(plan: Plan, out: Path, *, force: bool = False, replace_foreign: 
                 bar.set_postfix_str(f"{done}/{len(entries)} tensors", refresh=False)
 
             try:
-                execute(plan, routers, writer, dev, progress)
+                execute(execution, routers, writer, dev, progress)
             finally:
                 writer.abort()
                 bar.close()
-            _write_side_files(plan, stage, side_files)
+            _write_side_files(plan, stage, side_files, out, edit.card_note if edit else None)
+            reports = run_recipe_checks(plan.recipe, stage, dev, quiet)
+            if not keep_failed:
+                gate(reports, out, kept=False)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ModeError(f"{out}: no space left on the device while writing ({e.filename or 'output'})") from None
         raise ModeError(f"{out}: {e.strerror or e} ({e.filename or 'output'})") from None
+    gate(reports, out, kept=True)
+    return reports
 
 
 def read_paths(plan: Plan) -> dict[str, Path]:
@@ -111,21 +126,25 @@ def check_apart(plan: Plan, out: Path, also_read: dict[str, Path] | None = None)
             raise ModeError(f"{out}: overlaps input {key} ({path}); write the output elsewhere")
 
 
-def _side_files(plan: Plan) -> list[Path]:
-    """The base's tokenizer and generation files to copy, each checked to really be the base's own
-    regular file (a planted link to ~/.ssh/id_rsa must not travel with the model) and to parse, so
-    the output's tokenizer loads (or there is none, which the plan warns about)."""
-    base = plan.inputs[BASE].path
-    files = [base / name for name in _BASE_FILES if os.path.lexists(base / name)]
-    for file in files:
-        check_regular_inside(file, base, "base_model")
-    check_tokenizer(base, "base_model")
-    return files
+def _side_files(plan: Plan) -> list[tuple[str, Path | bytes]]:
+    """The tokenizer and generation files to carry (tokenizer_audit chose them, and loaded each
+    tokenizer they come from), each checked to really be its folder's own regular file (a planted
+    link to ~/.ssh/id_rsa must not travel with the model)."""
+    carried = plan.carried
+    for name, content in carried.files:
+        if isinstance(content, Path):
+            check_regular_inside(content, content.parent, dict(carried.folders).get(content.parent, name))
+    return list(carried.files)
 
 
-def _write_side_files(plan: Plan, stage: Path, files: list[Path]) -> None:
+def _write_side_files(plan: Plan, stage: Path, files: list[tuple[str, Path | bytes]], out: Path,
+                      card_note: str | None) -> None:
     create_file(stage / "config.json", (json.dumps(plan.config, indent=2) + "\n").encode())
-    for file in files:
-        copy_new(file, stage / file.name)
-    create_file(stage / "README.md", model_card(plan).encode())
+    for name, content in files:
+        if isinstance(content, bytes):  # rewritten (a pad token left unset)
+            create_file(stage / name, content)
+        else:
+            copy_new(content, stage / name)
+    create_file(stage / "README.md", model_card(plan, card_note).encode())
     create_file(stage / RECIPE_FILE, plan.recipe.text.encode())
+    create_file(stage / BUILD_FILE, record_bytes(plan, out))

@@ -178,7 +178,7 @@ def expert_pieces(
     return pieces
 
 
-def split_held_out(pieces: list[Sequence], share: float, seed: int) -> tuple[list[Sequence], list[Sequence]]:
+def split_held_out(pieces: list[Sequence], share: float, seed: str) -> tuple[list[Sequence], list[Sequence]]:
     """A seeded shuffle, then the last `share` of the pieces (at least one train piece is kept)."""
     order = list(range(len(pieces)))
     random.Random(seed).shuffle(order)
@@ -191,9 +191,11 @@ def load_calibration(loaded: LoadedRecipe, tokenizer, held_out: float = 0.0) -> 
     """Every expert's texts, tokenized with the base's tokenizer, in expert order."""
     router = loaded.recipe.router
     out = []
-    for i, spec in enumerate(loaded.recipe.experts):
+    for i, (spec, name) in enumerate(zip(loaded.recipe.experts, loaded.recipe.expert_names)):
         pieces = expert_pieces(loaded, i, spec, tokenizer, router.max_tokens, router.seq_len)
-        train, held = split_held_out(pieces, held_out, router.seed + i)
+        # seeded by the expert's name, not its place: an edit that adds or drops another expert
+        # leaves this one's pieces, and so its hidden row, as they were
+        train, held = split_held_out(pieces, held_out, f"{router.seed}:{name}")
         negative = _prompt_pieces(spec.negative_prompts, tokenizer, router.seq_len)
         out.append(ExpertTexts(train, held, negative))
     return out

@@ -71,7 +71,8 @@ def stem_text(recipe: Recipe) -> str:
             f"(base: {stem.base or 'none'}; seed {stem.seed}), parameters `{json.dumps(spec.parameters)}`{per_model}")
 
 
-def model_card(plan: Plan) -> str:
+def model_card(plan: Plan, note: str | None = None) -> str:
+    """The card; `note`: a line about how this build differs from a plain build of its recipe (edit)."""
     recipe = plan.recipe.recipe
     cfg = plan.config
     rows = "\n".join(
@@ -83,6 +84,7 @@ def model_card(plan: Plan) -> str:
         "\n## Adapters\n\nMerged into their weights as peft's `merge_and_unload()` does, in float32:\n\n"
         + "\n".join(loras) + "\n"
     )
+    edited = f"- {note}\n" if note else ""
     return f"""---
 base_model: {recipe.base_model}
 library_name: transformers
@@ -106,7 +108,8 @@ A Mixtral-format Mixture-of-Experts built by [mergekit-mode](https://pypi.org/pr
 - Router `{recipe.router.mode}`: {ROUTER_TEXT[recipe.router.mode]} (seed {recipe.router.seed}).
 - {cfg['num_local_experts']} experts, {cfg['num_experts_per_tok']} per token, {cfg['num_hidden_layers']} layers,
   dtype {cfg['dtype']}, base architecture `{plan.inputs[BASE].model_type}`.
-{adapters}
+{plan.carried.card_text()}
+{edited}{adapters}
 Loads with no custom code:
 
 ```python

@@ -55,17 +55,18 @@ def windows(ids: list[int], ctx: int) -> list[list[int]]:
     return [ids[i:i + ctx] for i in range(0, len(ids), ctx) if len(ids[i:i + ctx]) >= 2]
 
 
-def load_model(path: Path, device: torch.device):
-    """MODEL with transformers, once it is known to be a local folder of safetensors that asks for no
-    custom code (and told never to run any, nor to look for it on the model hub)."""
+def load_model(path: Path, device: torch.device, field: str = "MODEL"):
+    """A model folder (`field`: who asked for it) with transformers, once it is known to be a local folder
+    of safetensors that asks for no custom code (and told never to run any, nor to look for it on the
+    model hub)."""
     from transformers import AutoModelForCausalLM
 
-    ModelFolder.open_to_load(path, "MODEL")
+    ModelFolder.open_to_load(path, field)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False,
                                                      local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as e:
-        raise ModeError(f"MODEL: cannot load {path} ({str(e).splitlines()[0]})") from None
+        raise ModeError(f"{field}: cannot load {path} ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
 
 

@@ -8,7 +8,6 @@ memory flat however many layers the model has.
 
 from __future__ import annotations
 
-import filecmp
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from mergekit_mode.adapters import AdapterFolder
+from mergekit_mode.check import missing_data
 from mergekit_mode.errors import ModeError
 from mergekit_mode.experts import (Expert, Input, adapter_warnings, check_tied_lm_head, embedding_op, experts_of,
                                    model_key, shared_op, stem_op)
@@ -24,6 +24,7 @@ from mergekit_mode.formats import mixtral
 from mergekit_mode.inputs import DTYPE_TAGS, TOKENIZER_FILES, ModelFolder, TensorInfo
 from mergekit_mode.ops import BASE, Op, RouterWeights, Source
 from mergekit_mode.recipe import DATA_MODES, LoadedRecipe
+from mergekit_mode.tokenizer_audit import Carried, audit
 
 if TYPE_CHECKING:  # mergekit (stem merges) is imported only by recipes that merge the stem
     from mergekit_mode.stem import Stem
@@ -48,6 +49,7 @@ class Plan:
     dtype: torch.dtype
     tensors: tuple[OutputTensor, ...]
     warnings: tuple[str, ...] = ()
+    carried: Carried | None = None  # tokenizer, chat template, generation config (tokenizer_audit)
 
     @property
     def total_bytes(self) -> int:
@@ -125,7 +127,8 @@ def _open_model(path: Path, field: str, base: ModelFolder) -> ModelFolder:
 
 
 def _check_data_files(loaded: LoadedRecipe) -> None:
-    """Router data files must exist before a run starts (`validate` reports them, not a late failure)."""
+    """Router and check data files must exist before a run starts (`validate` reports them, not a late failure)."""
+    missing_data(loaded)
     if loaded.recipe.router.mode not in DATA_MODES:
         return
     for i, spec in enumerate(loaded.recipe.experts):
@@ -169,8 +172,9 @@ def _warnings(
 
 
 def _model_warnings(inputs: dict[str, Input], fields: dict[str, str]) -> Iterator[str]:
-    """What the output takes from the base alone and an expert may disagree with: rope_theta,
-    hidden_act and the tokenizer (Mixtral has one of each; an expert trained with others fits less)."""
+    """What the output takes from the base alone and an expert may disagree with: rope_theta and
+    hidden_act (Mixtral has one of each; an expert trained with others fits less). Tokenizers are
+    compared token by token by tokenizer_audit."""
     base = inputs[BASE]
     assert isinstance(base, ModelFolder)
     if not any((base.path / name).is_file() for name in TOKENIZER_FILES):
@@ -182,12 +186,6 @@ def _model_warnings(inputs: dict[str, Input], fields: dict[str, str]) -> Iterato
             if value(folder.config) != value(base.config):
                 yield (f"{fields[key]}: {what} is {value(folder.config)}, the base's is {value(base.config)}; the "
                        "output uses the base's")
-        differing = [name for name in TOKENIZER_FILES if (folder.path / name).is_file()
-                     and not ((base.path / name).is_file() and filecmp.cmp(folder.path / name, base.path / name,
-                                                                           shallow=False))]
-        if differing:
-            yield (f"{fields[key]}: its tokenizer ({differing[0]}) differs from the base's; the output uses the "
-                   "base's")
 
 
 def _hidden_act(config: dict) -> str:
@@ -267,5 +265,6 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
             + (f" (and {len(leftover) - 1} more)" if len(leftover) > 1 else "")
         )
     config = mixtral.build_config(cfg, len(names), recipe.top_k, str(dtype).removeprefix("torch."))
-    warnings = tuple(_warnings(loaded, inputs, experts, fields, stem))
-    return Plan(loaded, inputs, config, dtype, tuple(tensors), warnings)
+    carried, carried_warnings = audit(loaded, base.path)
+    warnings = tuple(_warnings(loaded, inputs, experts, fields, stem)) + tuple(carried_warnings)
+    return Plan(loaded, inputs, config, dtype, tuple(tensors), warnings, carried)

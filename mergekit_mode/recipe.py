@@ -142,7 +142,8 @@ def _policy(choices: tuple[str, ...]):
 
 
 SharedDeltas = Annotated[Union[Literal["average", "drop"], FromExpert], _policy(("average", "drop"))]
-Embeddings = Annotated[Union[Literal["base"], FromExpert], _policy(("base",))]
+BaseOrExpert = Annotated[Union[Literal["base"], FromExpert], _policy(("base",))]
+Embeddings = BaseOrExpert
 
 
 DATA_MODES = ("hidden", "trained")
@@ -274,6 +275,27 @@ class OutputSpec(_Strict):
     shard_size: ByteSize = Field(parse_size("2GB"), description="Largest safetensors shard, e.g. 2GB or 500MB.")
 
 
+def _check_list(value: object) -> object:
+    """`checks:` may be one mapping (one check) or a list of them."""
+    return [value] if isinstance(value, dict) else value
+
+
+class CheckSpec(_Strict):
+    """A quality gate the build runs on the finished model before it is renamed into place."""
+
+    against: Literal["experts", "base"] = Field(
+        "experts", description="experts: each domain against the expert of the same name (adapters merged in "
+        "memory); base: every domain against the base model.")
+    max_ratio: float = Field(gt=0, description="A domain fails when its perplexity is above max_ratio times the "
+                             "reference's.")
+    data: dict[str, Path] = Field(min_length=1, description="Held-out text per domain, NAME: FILE (plain text, one "
+                                  "document per line, or .jsonl with 'text'); with against: experts, NAME is an "
+                                  "expert's name.")
+    ctx: int = Field(128, ge=2, description="Window length in tokens (as for `mergekit-mode eval`).")
+    max_tokens: int = Field(50_000, ge=1, description="Tokens read from the start of each file.")
+    batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
+
+
 class Recipe(_Strict):
     """A Mixture-of-Domain-Experts recipe."""
 
@@ -294,6 +316,15 @@ class Recipe(_Strict):
         "counts as a zero change; full fine-tunes give only their MLP); drop: the base's; "
         "{from: <expert>}: that expert's tensors.",
     )
+    chat_template: BaseOrExpert = Field(
+        "base", description="Which folder's tokenizer settings the output carries: chat template, eos/pad tokens "
+        "(tokenizer_config.json, special_tokens_map.json, chat_template.jinja/.json): base or {from: <expert>}. "
+        "Vocabularies must be equal anyway (checked).")
+    generation_config: BaseOrExpert = Field(
+        "base", description="Which folder's generation_config.json the output carries: base or {from: <expert>}.")
+    checks: Annotated[list[CheckSpec], BeforeValidator(_check_list)] = Field(
+        [], description="Quality gates run after writing and before the output is renamed into place: a failed "
+        "check leaves no output (build --keep-failed keeps it).")
     embeddings: Optional[Embeddings] = Field(
         None,
         description="With stem: base, needed when an adapter changes embed_tokens or lm_head (LoRA target or "
@@ -322,6 +353,16 @@ class Recipe(_Strict):
                                   "merged weights as that model's")
             if isinstance(policy, FromExpert) and policy.from_ not in seen:
                 raise _FieldError(f"{key}.from", f"{policy.from_!r} is not the name of an expert ({', '.join(seen)})")
+        for key in ("chat_template", "generation_config"):
+            policy = getattr(self, key)
+            if isinstance(policy, FromExpert) and policy.from_ not in seen:
+                raise _FieldError(f"{key}.from", f"{policy.from_!r} is not the name of an expert ({', '.join(seen)})")
+        for i, check in enumerate(self.checks):
+            if check.against == "experts":
+                for name in check.data:
+                    if name not in seen:
+                        raise _FieldError(f"checks[{i}].data.{name}", f"with against: experts, a domain is named "
+                                          f"after its expert ({', '.join(seen)})")
         k = self.router.experts_per_token
         if k is not None and k > len(self.experts):
             raise _FieldError("router.experts_per_token", f"{k} is more than the {len(self.experts)} experts")

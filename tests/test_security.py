@@ -631,13 +631,11 @@ def test_experts_that_differ_from_the_base_are_warned_about(v, run_cli):
     cfg = json.loads((v / "e1" / "config.json").read_text())
     cfg.update(rope_theta=1234.0, hidden_act="gelu")
     (v / "e1" / "config.json").write_text(json.dumps(cfg))
-    (v / "e0" / "tokenizer.model").write_bytes((v / "e0" / "tokenizer.model").read_bytes() + b"\0")
     result = run_cli("validate", v / "r.yml")
     assert result.code == 0, result.err
     warnings = [line for line in result.err.splitlines() if line.startswith("warning: ")]
     assert any("experts[1].model: rope_theta is 1234.0" in w for w in warnings), warnings
     assert any("experts[1].model: hidden_act is gelu, the base's is silu" in w for w in warnings), warnings
-    assert any("experts[0].model: its tokenizer (tokenizer.model) differs" in w for w in warnings), warnings
-    assert len(warnings) == 3
+    assert len(warnings) == 2  # tokenizers are compared token by token: tests/test_tokenizer_audit.py
 
 
