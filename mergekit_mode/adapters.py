@@ -173,6 +173,7 @@ def _parse_tensors(
             if key.endswith(a_suffix):
                 module = key.removeprefix(KEY_PREFIX).removesuffix(a_suffix)
                 stem = key.removesuffix(a_suffix)
+                _check_targeted(config, module, a_suffix == _LINEAR[0], where)
                 lora = _lora_module(tensors, config, module, stem, (a_suffix, b_suffix), where)
                 modules[lora.weight] = lora
                 claimed.update(stem + s for s in (a_suffix, b_suffix, _MAGNITUDE, _BIAS, _SAVED_BASE_LAYER))
@@ -188,6 +189,21 @@ def _parse_tensors(
     if not modules and not saved:
         raise ModeError(f"{where}: holds no LoRA tensors")
     return modules, saved
+
+
+def _check_targeted(config: LoraConfig, module: str, linear: bool, where: str) -> None:
+    """A LoRA module must be one that target_modules selects (peft's own matching): peft would not
+    load the tensors of any other, so merging them would disagree with peft's merge."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+    if config.target_modules == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+        targeted = linear and not module.endswith("lm_head")  # peft's all-linear: every Linear but the output layer
+    else:
+        targeted = bool(check_target_module_exists(config, module))
+    if not targeted:
+        raise ModeError(f"{where}: has LoRA tensors for {module}, which target_modules {config.target_modules!r} "
+                        "(less exclude_modules and modules_to_save) does not select; peft would not load them")
 
 
 def _saved_by(name: str, to_save: set[str]) -> bool:

@@ -89,7 +89,8 @@ def format_text(plan: Plan) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def model_card(plan: Plan) -> str:
+def model_card(plan: Plan, note: str | None = None) -> str:
+    """The card; `note`: a line about how this build differs from a plain build of its recipe (edit)."""
     recipe = plan.recipe.recipe
     cfg = plan.config
     rows = "\n".join(
@@ -101,6 +102,7 @@ def model_card(plan: Plan) -> str:
         "\n## Adapters\n\nMerged into their weights as peft's `merge_and_unload()` does, in float32:\n\n"
         + "\n".join(loras) + "\n"
     )
+    edited = f"- {note}\n" if note else ""
     return f"""---
 base_model: {recipe.base_model}
 library_name: transformers
@@ -124,7 +126,8 @@ A {plan.format.title}-format Mixture-of-Experts built by [mergekit-mode](https:/
 - Router `{recipe.router.mode}`: {ROUTER_TEXT[recipe.router.mode]} (seed {recipe.router.seed}).
 - {plan.num_experts} experts, {plan.top_k} per token, {cfg['num_hidden_layers']} layers,
   dtype {cfg['dtype']}, base architecture `{plan.inputs[BASE].model_type}`.
-{format_text(plan)}{adapters}
+{format_text(plan)}{plan.carried.card_text()}
+{edited}{adapters}
 Loads with no custom code:
 
 ```python

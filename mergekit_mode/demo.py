@@ -31,12 +31,18 @@ ROUTERS = {
 
 
 ARCHS = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+# Written first into a demo's folder: --force replaces only folders that carry it.
+DEMO_MARKER = ".mergekit-mode-demo"
 
 
-def demo(out: Path, *, pretrain_steps: int, finetune_steps: int, force: bool, arch: str = "llama") -> None:
-    check_destination(out, force, needed_bytes=0)  # the build's own rules: no symlink, no overwrite unasked
+def demo(out: Path, *, pretrain_steps: int, finetune_steps: int, force: bool, replace_foreign: bool = False,
+         arch: str = "llama") -> None:
+    # the build's own rules: no symlink, no overwrite unasked, --force only over an earlier demo
+    check_destination(out, force, needed_bytes=0, replace_foreign=replace_foreign, marker=DEMO_MARKER)
     if out.exists():
         shutil.rmtree(out)
+    out.mkdir()
+    (out / DEMO_MARKER).write_text("made by `mergekit-mode demo`; `demo --force` may replace this folder\n")
     click.echo(f"training a tokenizer, a tiny {ARCHS[arch]} base and one expert per domain in {out} ...")
     # One thread: steady ~90 ms a step; two threads on a busy 2-core machine spin at 1-2 s a step.
     suite = build_domain_suite(out, arch=arch, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps,

@@ -21,13 +21,14 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from mergekit_mode.build import RECIPE_FILE
 from mergekit_mode.calibration import iter_documents, load_tokenizer, tokenize_documents
 from mergekit_mode import formats
 from mergekit_mode.errors import ModeError
+from mergekit_mode.inputs import ModelFolder
 from mergekit_mode.layerwise import Batch, make_batches
+from mergekit_mode.safety import check_name_lengths, read_small_file
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ def parse_data(values: tuple[str, ...]) -> dict[str, Path]:
             raise ModeError(f"--data: {value!r} is not NAME=FILE")
         if name in data:
             raise ModeError(f"--data: domain {name!r} given twice")
+        check_name_lengths(Path(file), f"--data {name}")
         data[name] = Path(file)
     return data
 
@@ -55,25 +57,29 @@ def windows(ids: list[int], ctx: int) -> list[list[int]]:
     return [ids[i:i + ctx] for i in range(0, len(ids), ctx) if len(ids[i:i + ctx]) >= 2]
 
 
-def load_model(path: Path, device: torch.device):
+def load_model(path: Path, device: torch.device, field: str = "MODEL"):
+    """A model folder (`field`: who asked for it) with transformers, once it is known to be a local folder
+    of safetensors that asks for no custom code (and told never to run any, nor to look for it on the
+    model hub)."""
     from transformers import AutoModelForCausalLM
 
-    if not (path / "config.json").is_file():
-        raise ModeError(f"MODEL: {path} is not a model folder (no config.json)")
+    ModelFolder.open_to_load(path, field)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False,
+                                                     local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as e:
-        raise ModeError(f"MODEL: cannot load {path} ({str(e).splitlines()[0]})") from None
+        raise ModeError(f"{field}: cannot load {path} ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
 
 
 def expert_names(path: Path, num_experts: int) -> list[str]:
     """The experts' names from the recipe that build copied into the model folder, else 0..E-1."""
-    from mergekit_mode.recipe import parse_recipe
+    from mergekit_mode.recipe import load_yaml, parse_recipe
 
     try:
-        names = parse_recipe(yaml.safe_load((path / RECIPE_FILE).read_text()), RECIPE_FILE).expert_names
-    except (OSError, yaml.YAMLError, ModeError):
+        text = read_small_file(path / RECIPE_FILE).decode("utf-8")
+        names = parse_recipe(load_yaml(text, RECIPE_FILE), RECIPE_FILE).expert_names
+    except (OSError, UnicodeDecodeError, ModeError):
         names = []
     return names if len(names) == num_experts else [str(e) for e in range(num_experts)]
 
@@ -137,6 +143,7 @@ def evaluate_streams(model_dir: Path, streams: dict[str, list[int]], *, ctx: int
 def evaluate(model_dir: Path, data: dict[str, Path], *, ctx: int = 128, batch_size: int = 8,
              max_tokens: int = 50_000, device: torch.device = torch.device("cpu")) -> dict[str, DomainResult]:
     """Every domain's result, in the order given."""
+    ModelFolder.open_to_load(model_dir, "MODEL")  # before reading any text
     streams = tokenize_domains(model_dir, data, max_tokens)
     return evaluate_streams(model_dir, streams, ctx=ctx, batch_size=batch_size, device=device)
 

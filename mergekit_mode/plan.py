@@ -16,15 +16,17 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import torch
 
 from mergekit_mode.adapters import AdapterFolder
+from mergekit_mode.check import missing_data
 from mergekit_mode.errors import ModeError
 from mergekit_mode.experts import (Expert, Input, adapter_warnings, check_tied_lm_head, embedding_op, experts_of,
                                    model_key, shared_op, stem_op)
 from mergekit_mode.formats import FORMATS, OutputFormat, for_base, families
-from mergekit_mode.formats.base import SharedExpert
+from mergekit_mode.formats.base import SharedExpert, rope_theta
 from mergekit_mode.formats.families import BaseFamily, Role
-from mergekit_mode.inputs import DTYPE_TAGS, ModelFolder, TensorInfo
+from mergekit_mode.inputs import DTYPE_TAGS, TOKENIZER_FILES, ModelFolder, TensorInfo
 from mergekit_mode.ops import BASE, Copy, Op, RouterWeights, SharedGate, Source, Zeros
 from mergekit_mode.recipe import DATA_MODES, FromExpert, LoadedRecipe, Recipe
+from mergekit_mode.tokenizer_audit import Carried, audit
 
 if TYPE_CHECKING:  # mergekit (stem merges) is imported only by recipes that merge the stem
     from mergekit_mode.stem import Stem
@@ -61,6 +63,7 @@ class Plan:
     tensors: tuple[OutputTensor, ...]
     warnings: tuple[str, ...] = ()
     shared: Optional[SharedExpert] = None  # the shared expert, in formats that have one
+    carried: Carried | None = None  # tokenizer, chat template, generation config (tokenizer_audit)
 
     @property
     def num_experts(self) -> int:
@@ -120,8 +123,8 @@ def open_inputs(loaded: LoadedRecipe) -> tuple[dict[str, Input], dict[str, str],
     Returns the inputs by key (BASE, expert names, model_key(name) for adapters' fine-tunes), the
     recipe field each key came from (for error messages), the base's family and the format."""
     recipe = loaded.recipe
-    base = ModelFolder.open(loaded.resolve(recipe.base_model), "base_model")
-    family = families.family_of(base.config, "base_model")
+    base = ModelFolder.open_to_load(loaded.resolve(recipe.base_model), "base_model")  # its tokenizer is
+    family = families.family_of(base.config, "base_model")  # copied into the output and loaded
     fmt = for_base(family, recipe.output.architecture)
     family.check(base.config, "base_model")
     inputs: dict[str, Input] = {BASE: base}
@@ -149,7 +152,8 @@ def _open_model(path: Path, field: str, base: ModelFolder) -> ModelFolder:
 
 
 def _check_data_files(loaded: LoadedRecipe) -> None:
-    """Router data files must exist before a run starts (`validate` reports them, not a late failure)."""
+    """Router and check data files must exist before a run starts (`validate` reports them, not a late failure)."""
+    missing_data(loaded)
     if loaded.recipe.router.mode not in DATA_MODES:
         return
     for i, spec in enumerate(loaded.recipe.experts):
@@ -192,6 +196,7 @@ def _warnings(
         yield (f"experts' data/prompts are not used by router.mode {recipe.router.mode} "
                f"(only by {' and '.join(DATA_MODES)})")
     yield from adapter_warnings(inputs, experts, fields, recipe, stem.inputs if stem else None, family)
+    yield from _model_warnings(inputs, fields)
 
 
 def _shared_expert(recipe: Recipe, fmt: OutputFormat, cfg: dict) -> SharedExpert | None:
@@ -205,6 +210,27 @@ def _shared_expert(recipe: Recipe, fmt: OutputFormat, cfg: dict) -> SharedExpert
         return None
     inter = int(cfg["intermediate_size"])
     return SharedExpert(inter if policy not in (None, "none") else min(fmt.empty_shared_expert_size, inter))
+
+
+def _model_warnings(inputs: dict[str, Input], fields: dict[str, str]) -> Iterator[str]:
+    """What the output takes from the base alone and an expert may disagree with: rope_theta and
+    hidden_act (the output has one of each; an expert trained with others fits less). Tokenizers are
+    compared token by token by tokenizer_audit."""
+    base = inputs[BASE]
+    assert isinstance(base, ModelFolder)
+    if not any((base.path / name).is_file() for name in TOKENIZER_FILES):
+        yield f"base_model: {base.path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); the output will have none"
+    for key, folder in inputs.items():
+        if key == BASE or not isinstance(folder, ModelFolder):
+            continue
+        for what, value in (("rope_theta", rope_theta), ("hidden_act", _hidden_act)):
+            if value(folder.config) != value(base.config):
+                yield (f"{fields[key]}: {what} is {value(folder.config)}, the base's is {value(base.config)}; the "
+                       "output uses the base's")
+
+
+def _hidden_act(config: dict) -> str:
+    return str(config.get("hidden_act", "silu"))
 
 
 def _resolve_stem(recipe, names: list[str]) -> Stem | None:
@@ -304,5 +330,6 @@ def build_plan(loaded: LoadedRecipe) -> Plan:
             + (f" (and {len(leftover) - 1} more)" if len(leftover) > 1 else "")
         )
     config = fmt.build_config(cfg, len(names), recipe.top_k, str(dtype).removeprefix("torch."), shared_spec)
-    warnings = tuple(_warnings(loaded, inputs, experts, fields, stem, family, fmt))
-    return Plan(loaded, inputs, family, fmt, config, dtype, tuple(tensors), warnings, shared_spec)
+    carried, carried_warnings = audit(loaded, base.path)
+    warnings = tuple(_warnings(loaded, inputs, experts, fields, stem, family, fmt)) + tuple(carried_warnings)
+    return Plan(loaded, inputs, family, fmt, config, dtype, tuple(tensors), warnings, shared_spec, carried)

@@ -141,7 +141,8 @@ def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx
     fmt = plan.format
     with tempfile.TemporaryDirectory(prefix="mergekit-mode-lm-") as tmp:
         _write_moe(plan, Gates(init, shared_gates(plan)), Path(tmp), ctx.device)
-        model = fmt.model_class().from_pretrained(tmp, dtype=torch.float32).to(ctx.device).eval()
+        model = fmt.model_class().from_pretrained(tmp, dtype=torch.float32, trust_remote_code=False,
+                                                  local_files_only=True).to(ctx.device).eval()
     model.requires_grad_(False)
     gates = [layer.get_parameter(fmt.router_parameter) for layer in model.model.layers]
     shared = ([layer.get_parameter(fmt.shared_gate_parameter) for layer in model.model.layers]

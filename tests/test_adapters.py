@@ -140,7 +140,7 @@ def test_stem_merge_takes_adapter_experts_merged(work: Path, run_cli) -> None:
     full1 = load_file(work / "full1" / "model.safetensors")
     for key in ("model.layers.1.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
         close(out[key], (full1[key] + ref[key]) / 2)
-    assert not err
+    assert not [line for line in err.splitlines() if "has no tokenizer" not in line]  # this base has none
     _, err = build(work, experts, run_cli, stem={**stem, "models": ["full1", "full2"]})
     assert "stem.models: a's changes of 2 tensors are not used (first model.layers.0.self_attn.q_proj" in err
     result = run_cli("validate", write_recipe(work, experts, stem=stem, shared_deltas="drop"))

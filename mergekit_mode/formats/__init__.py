@@ -62,3 +62,8 @@ def of_config(config: Any) -> Optional[OutputFormat]:
     """The format a built model's config (a config.json dict or a transformers config) is in, if any."""
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     return next((f for f in FORMATS if f.name == model_type), None)
+
+
+def output_architectures() -> tuple[str, ...]:
+    """Every architecture mergekit-mode writes: what export-gguf agrees to convert."""
+    return tuple(f.architecture for f in FORMATS)

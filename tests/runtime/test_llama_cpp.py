@@ -129,3 +129,32 @@ def test_cli_export_gguf_loads_in_llama_cpp(moe_dirs, tmp_path, run_cli):
     assert not list(tmp_path.glob(".*partial"))
     assert llama_cpp_run(out, [[1, 5, 9]]).n_vocab == 512
     assert run_cli("export-gguf", moe_dirs["mistral-e4-top2"], "--outfile", out).code == 2  # exists, no --force
+
+
+def test_cli_export_gguf_ollama_modelfile_fits_its_gguf(moe_dirs, tmp_path, run_cli):
+    """--ollama beside a real conversion: FROM names the GGUF written, every stop is a token of the
+    GGUF's vocabulary, and the GGUF carries the chat template the TEMPLATE was converted from."""
+    import json
+    import shutil
+    import sys
+
+    from tests.test_ollama import CHATML, parse_modelfile
+
+    model = tmp_path / "moe"
+    shutil.copytree(moe_dirs["llama-e3-top2"], model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    result = run_cli("export-gguf", model, "--outtype", "f32", "--ollama")
+    assert result.code == 0, result.err
+    commands = parse_modelfile((tmp_path / "moe-f32.Modelfile").read_text())
+    assert ("model", "./moe-f32.gguf") in commands and any(c == "template" for c, _ in commands)
+    sys.path.insert(0, str(llama_cpp_converter().parent / "gguf-py"))
+    try:
+        import gguf
+    finally:
+        sys.path.pop(0)
+    fields = gguf.GGUFReader(tmp_path / "moe-f32.gguf").fields
+    tokens = set(fields["tokenizer.ggml.tokens"].contents())
+    stops = [value for command, value in commands if command == "stop"]
+    assert stops and set(stops) <= tokens
+    assert fields["tokenizer.chat_template"].contents() == CHATML
