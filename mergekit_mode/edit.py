@@ -219,7 +219,7 @@ class Surgery:
     def summary(self) -> str:
         """One line: what is copied and what is computed."""
         spec = self.plan.recipe.recipe.router
-        total = sum(not isinstance(t.op, RouterWeights) for t in self.plan.tensors)
+        total = sum(not isinstance(t.op, (RouterWeights, SharedGate)) for t in self.plan.tensors)
         line = f"{self.reused} of {total} tensors copied from {self.model}, {total - self.reused} computed"
         if spec.mode not in ("hidden", "trained"):
             return line + f"; routers ({spec.mode}) from their definition"
