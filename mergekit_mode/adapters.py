@@ -60,7 +60,7 @@ class LoraModule:
     lora_A: TensorInfo
     lora_B: TensorInfo
     magnitude: TensorInfo | None  # DoRA
-    bias: TensorInfo | None  # lora_bias=True: a bias on B, which Mixtral has no place for
+    bias: TensorInfo | None  # lora_bias=True: a bias on B, which is not merged (see check_biases)
     r: int
     alpha: float
     scale: float
@@ -242,14 +242,15 @@ def _lora_module(
 
 
 def check_biases(adapter: AdapterFolder, reader: TensorReader, field: str) -> None:
-    """Refuse non-zero lora_B biases: Mixtral has no biases to add them to. Zero ones change nothing.
+    """Refuse non-zero lora_B biases: they are not merged (most adapted layers have no bias to add
+    them to in any output format). Zero ones change nothing.
 
     The one place planning reads weights: a bias is one vector per module, and a recipe that cannot
     be built should fail in `validate`, not halfway through a build."""
     for lora in adapter.modules.values():
         if lora.bias is not None and bool(reader.read(lora.bias).any()):
-            raise ModeError(f"{field}: {lora.bias.file}: {lora.bias.name} is a non-zero LoRA bias (lora_bias=True), "
-                            f"but {lora.weight} has no bias in Mixtral")
+            raise ModeError(f"{field}: {lora.bias.file}: {lora.bias.name} is a non-zero LoRA bias (lora_bias=True) on "
+                            f"{lora.weight}; LoRA biases are not merged")
 
 
 def merge_lora(

@@ -15,7 +15,7 @@ from mergekit_mode.card import model_card
 from mergekit_mode.check import CheckReport, gate, run_recipe_checks
 from mergekit_mode.errors import ModeError
 from mergekit_mode.executor import execute
-from mergekit_mode.plan import Plan, build_plan
+from mergekit_mode.plan import Gates, Plan, build_plan
 from mergekit_mode.provenance import BUILD_FILE, record_bytes
 from mergekit_mode.recipe import load_recipe
 from mergekit_mode.routers import RouterContext, make_routers
@@ -30,7 +30,7 @@ class Edit:
     plan with unchanged tensors copied from that build, `routers` makes the routers the edit needs."""
 
     execution: Plan
-    routers: Callable[[RouterContext], list[torch.Tensor]]
+    routers: Callable[[RouterContext], Gates]
     card_note: Optional[str] = None
 
 

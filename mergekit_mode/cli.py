@@ -15,7 +15,7 @@ import click
 from mergekit_mode import __version__
 from mergekit_mode.errors import CheckFailed, ModeError
 
-MAIN_HELP = """Build a Mixture-of-Domain-Experts model in the canonical Mixtral format.
+MAIN_HELP = """Build a Mixture-of-Domain-Experts model in a standard MoE format.
 
 \b
     mergekit-mode RECIPE.yml OUT/     build the model described by RECIPE into OUT/
@@ -149,8 +149,7 @@ def validate(recipes: tuple[Path, ...]) -> None:
             failed += 1
             continue
         _warn(plan)
-        cfg = plan.config
-        click.echo(f"ok: {path} ({cfg['num_local_experts']} experts, top-{cfg['num_experts_per_tok']}, "
+        click.echo(f"ok: {path} ({plan.format.architecture}, {plan.num_experts} experts, top-{plan.top_k}, "
                    f"{len(plan.tensors)} tensors, {plan.total_bytes / 1e9:.2f} GB)")
     if failed:
         sys.exit(2)
@@ -288,17 +287,19 @@ def report(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty; only a folder an earlier "
               "demo made, so a mistyped path cannot delete your files.")
 @click.option("--force-foreign", is_flag=True, help=FORCE_FOREIGN_HELP)
-def demo(out: Path, pretrain_steps: int, finetune_steps: int, force: bool, force_foreign: bool) -> None:
+@click.option("--arch", type=click.Choice(["llama", "qwen2", "qwen3"]), default="llama", show_default=True,
+              help="The base's family; the MoE is in that family's default output format (README: Output formats).")
+def demo(out: Path, pretrain_steps: int, finetune_steps: int, force: bool, force_foreign: bool, arch: str) -> None:
     """Train tiny domain experts on this machine and build a MoE of them into OUT.
 
-    Needs no download: it makes four synthetic text domains, a tokenizer, a tiny Llama base and
-    one expert per domain (about a minute on 2 CPU cores), writes OUT/recipe.yml, builds
-    OUT/moe with it, and prints each model's perplexity on every domain.
+    Needs no download: it makes four synthetic text domains, a tokenizer, a tiny base and one
+    expert per domain (about a minute on 2 CPU cores), writes OUT/recipe-*.yml, builds OUT/moe-*
+    with them, and prints each model's perplexity on every domain.
     """
     from mergekit_mode.demo import demo as run_demo
 
     run_demo(out, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, force=force,
-             replace_foreign=force_foreign)
+             replace_foreign=force_foreign, arch=arch)
 
 
 @cli.command("export-gguf")

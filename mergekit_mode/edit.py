@@ -33,11 +33,11 @@ import yaml
 from mergekit_mode.build import Edit
 from mergekit_mode.errors import ModeError
 from mergekit_mode.inputs import ModelFolder, TensorReader
-from mergekit_mode.ops import Copy, RouterWeights, Source
-from mergekit_mode.plan import Plan, build_plan
+from mergekit_mode.ops import Copy, RouterWeights, SharedGate, Source
+from mergekit_mode.plan import Gates, Plan, build_plan
 from mergekit_mode.provenance import built_recipe, folder_stamp, read_record, row_keys, versions
 from mergekit_mode.recipe import LoadedRecipe, load_yaml, parse_recipe
-from mergekit_mode.routers import RouterContext, calibration, hidden_rows, make_routers
+from mergekit_mode.routers import RouterContext, as_gates, calibration, hidden_rows, make_routers
 
 PREVIOUS = "previous build"  # the input key of MODEL in the edit's execution plan (a name with a space)
 
@@ -148,7 +148,7 @@ class Surgery:
     def _reusable(self, op, shape: tuple[int, ...], dtype: torch.dtype) -> Optional[str]:
         """MODEL's tensor made by this op from inputs that have not changed since, if any."""
         name = self.by_op.get(repr(op))
-        if name is None or isinstance(op, RouterWeights):
+        if name is None or isinstance(op, (RouterWeights, SharedGate)):  # made with the routers
             return None
         if any(self.stamps[s.model] != self.record["inputs"].get(s.model) for s in op.sources):
             return None
@@ -187,7 +187,7 @@ class Surgery:
                     rows[name].append(weight[old_names.index(name)])
         return rows
 
-    def routers(self, ctx: RouterContext) -> list[torch.Tensor]:
+    def routers(self, ctx: RouterContext) -> Gates:
         """The edited model's routers: by definition, or from kept rows plus what the edit needs."""
         plan = self.plan
         spec = plan.recipe.recipe.router
@@ -208,18 +208,18 @@ class Surgery:
                 else fresh[layer][missing.index(e)] if fresh is not None else torch.zeros(hidden)
                 for e, n in enumerate(names)]))
         if spec.mode == "hidden":
-            return rows
+            return as_gates(plan, rows)
         from mergekit_mode import router_training
 
         if missing and train.init == "domain":  # new rows get the classifier stage a build gives every row
             rows = router_training.train_domain(plan, texts, rows, ctx)
         objective = router_training.train_domain if train.objective == "domain" else router_training.train_lm
-        return objective(plan, texts, rows, ctx)
+        return as_gates(plan, objective(plan, texts, rows, ctx))
 
     def summary(self) -> str:
         """One line: what is copied and what is computed."""
         spec = self.plan.recipe.recipe.router
-        total = sum(not isinstance(t.op, RouterWeights) for t in self.plan.tensors)
+        total = sum(not isinstance(t.op, (RouterWeights, SharedGate)) for t in self.plan.tensors)
         line = f"{self.reused} of {total} tensors copied from {self.model}, {total - self.reused} computed"
         if spec.mode not in ("hidden", "trained"):
             return line + f"; routers ({spec.mode}) from their definition"

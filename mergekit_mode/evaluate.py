@@ -6,7 +6,8 @@ into one token stream and cut into non-overlapping windows of `ctx` tokens; ever
 first of its window is scored, and perplexity is exp(total loss / scored tokens). Fixed windows
 make numbers comparable between models that share a tokenizer (the base, the experts, the MoE).
 
-For Mixture-of-Experts models (config has `num_local_experts`) routing is, per layer and expert,
+For Mixture-of-Experts models in an output format mergekit-mode writes (mergekit_mode.formats, found
+from the config's model_type) routing is, per layer and expert,
 the share of the input tokens that have the expert among their top-k choices (from the router
 logits): 1.0 means the expert runs on every token. Each layer sums to k; k/E per expert is what
 a balanced router gives.
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from mergekit_mode.build import RECIPE_FILE
 from mergekit_mode.calibration import iter_documents, load_tokenizer, tokenize_documents
+from mergekit_mode import formats
 from mergekit_mode.errors import ModeError
 from mergekit_mode.inputs import ModelFolder
 from mergekit_mode.layerwise import Batch, make_batches
@@ -85,8 +87,8 @@ def expert_names(path: Path, num_experts: int) -> list[str]:
 @torch.no_grad()
 def evaluate_domain(model, ids: list[int], ctx: int, batch_size: int, device: torch.device) -> DomainResult:
     cfg = model.config
-    num_experts = getattr(cfg, "num_local_experts", None)
-    counts = torch.zeros(cfg.num_hidden_layers, num_experts) if num_experts else None
+    fmt = formats.of_config(cfg)
+    counts = torch.zeros(cfg.num_hidden_layers, fmt.num_experts(cfg)) if fmt else None
     loss_sum, scored, routed_tokens = 0.0, 0, 0
     for batch in make_batches(windows(ids, ctx), batch_size):
         kwargs = {"output_router_logits": True} if counts is not None else {}
@@ -97,7 +99,7 @@ def evaluate_domain(model, ids: list[int], ctx: int, batch_size: int, device: to
         scored += int((targets != -100).sum())
         if counts is not None:
             routed_tokens += int(batch.lengths.sum())
-            _count_choices(counts, out.router_logits, batch, int(cfg.num_experts_per_tok))
+            _count_choices(counts, out.router_logits, batch, fmt.top_k(cfg))
     if scored == 0:
         raise ModeError("--data: fewer than 2 tokens of text")
     routing = (counts / routed_tokens).tolist() if counts is not None else None

@@ -1,4 +1,4 @@
-"""Export a Mixtral-format model folder to GGUF with llama.cpp's own converter.
+"""Export a model folder (any output format) to GGUF with llama.cpp's own converter.
 
 mergekit-mode does not ship or reimplement llama.cpp's converter: it runs
 llama.cpp's `convert_hf_to_gguf.py` (with llama.cpp's `gguf-py` beside it) in a
@@ -119,7 +119,7 @@ def export_gguf(
     python: str | None = None,
     timeout: float | None = None,
 ) -> Path:
-    """Convert a (Mixtral-format) Hugging Face model folder to one GGUF file.
+    """Convert a Hugging Face model folder (an output of any format) to one GGUF file.
 
     outtype: f16 | bf16 | q8_0 | f32. `python` runs the converter (default: this one).
     Raises ConverterNotFoundError when llama.cpp's converter is not found, ModeError when the

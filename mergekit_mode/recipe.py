@@ -15,6 +15,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mergekit_mode.errors import ModeError
+from mergekit_mode.formats import NAMES as FORMAT_NAMES, defaults as format_defaults
 from mergekit_mode.safety import name_too_long, read_small_file
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
@@ -144,6 +145,7 @@ def _policy(choices: tuple[str, ...]):
 SharedDeltas = Annotated[Union[Literal["average", "drop"], FromExpert], _policy(("average", "drop"))]
 BaseOrExpert = Annotated[Union[Literal["base"], FromExpert], _policy(("base",))]
 Embeddings = BaseOrExpert
+SharedExpertPolicy = Annotated[Union[Literal["none", "base"], FromExpert], _policy(("none", "base"))]
 
 
 DATA_MODES = ("hidden", "trained")
@@ -155,7 +157,7 @@ class TrainSpec(_Strict):
     objective: Literal["domain", "lm"] = Field(
         "domain", description="domain: each layer's router learns to pick the expert whose data a token came from "
         "(cross-entropy on that layer's router inputs, layer by layer; cheap). lm: next-token loss of the whole MoE "
-        "plus Mixtral's load-balancing loss (holds the whole MoE in memory: small models or a GPU).",
+        "plus the output format's load-balancing loss (holds the whole MoE in memory: small models or a GPU).",
     )
     init: Literal["hidden", "zeros", "domain"] = Field(
         "hidden", description="Start from the hidden-mode routers, from zeros, or (objective lm) from routers first "
@@ -179,7 +181,7 @@ class TrainSpec(_Strict):
 
 
 class RouterSpec(_Strict):
-    """How each layer's router (block_sparse_moe.gate) is made."""
+    """How each layer's router (one row per expert) is made."""
 
     mode: Literal["gateless", "noisy", "random", "hidden", "trained"] = Field(
         "gateless",
@@ -272,6 +274,9 @@ def _stem_schema(schema: dict) -> None:
 
 
 class OutputSpec(_Strict):
+    architecture: Optional[Literal[FORMAT_NAMES]] = Field(
+        None, description=f"The output format (its model_type); default: the base family's ({format_defaults()}). "
+        "`mergekit-mode validate` names the one chosen.")
     shard_size: ByteSize = Field(parse_size("2GB"), description="Largest safetensors shard, e.g. 2GB or 500MB.")
 
 
@@ -311,7 +316,7 @@ class Recipe(_Strict):
     shared_deltas: SharedDeltas = Field(
         "average",
         description="With stem: base, what adapters' changes outside the MLP (attention, norms) become, as "
-        "Mixtral shares them: "
+        "the output's experts share them: "
         "average: the base plus the mean of the adapter experts' changes (an adapter that leaves a tensor alone "
         "counts as a zero change; full fine-tunes give only their MLP); drop: the base's; "
         "{from: <expert>}: that expert's tensors.",
@@ -328,7 +333,14 @@ class Recipe(_Strict):
     embeddings: Optional[Embeddings] = Field(
         None,
         description="With stem: base, needed when an adapter changes embed_tokens or lm_head (LoRA target or "
-        "modules_to_save), which Mixtral shares: base: keep the base's; {from: <expert>}: that expert's.",
+        "modules_to_save), which the experts share: base: keep the base's; {from: <expert>}: that expert's.",
+    )
+    shared_expert: Optional[SharedExpertPolicy] = Field(
+        None,
+        description="Formats with a shared expert (qwen2_moe), which adds sigmoid(gate . x) * shared_mlp(x) to the "
+        "routed experts on every token: none (default): an all-zero shared MLP, so the block is the routed mixture; "
+        "base: the base's MLP; {from: <expert>}: that expert's MLP. Its gate starts near 0 (weight about 0.5) and "
+        "router.train objective lm learns it.",
     )
 
     @model_validator(mode="after")
@@ -347,8 +359,10 @@ class Recipe(_Strict):
                 if not expert.has_data:
                     raise _FieldError(f"experts[{i}]", f"router.mode {self.router.mode} needs data: or prompts: "
                                       "on every expert")
-        for key, policy in (("shared_deltas", self.shared_deltas), ("embeddings", self.embeddings)):
-            if self.stem is not None and key in self.model_fields_set:
+        policies = (("shared_deltas", self.shared_deltas), ("embeddings", self.embeddings),
+                    ("shared_expert", self.shared_expert))
+        for key, policy in policies:
+            if self.stem is not None and key in self.model_fields_set and key != "shared_expert":
                 raise _FieldError(key, "applies with `stem: base` only; a stem merge takes each adapter expert's "
                                   "merged weights as that model's")
             if isinstance(policy, FromExpert) and policy.from_ not in seen:

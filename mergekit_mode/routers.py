@@ -11,6 +11,7 @@ layerwise.py); a hidden row depends only on its own expert's texts.
 from __future__ import annotations
 
 import hashlib
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from mergekit_mode.calibration import ExpertTexts, load_calibration, load_tokenizer
 from mergekit_mode.inputs import TensorReader
 from mergekit_mode.layerwise import Batch, FolderWeights, LayerStream, make_batches
-from mergekit_mode.plan import BASE, Plan
+from mergekit_mode.plan import BASE, Gates, Plan
 
 # Sequences per forward batch of the layer-streamed base.
 STREAM_BATCH = 16
@@ -34,12 +35,13 @@ class RouterContext:
     quiet: bool = False
 
 
-RouterFn = Callable[[Plan, RouterContext], list[torch.Tensor]]
+# A mode's routers; a mode that also learns the shared expert's gates returns Gates.
+RouterFn = Callable[[Plan, RouterContext], "list[torch.Tensor] | Gates"]
 
 
 def _shape(plan: Plan) -> tuple[int, int, int]:
     cfg = plan.config
-    return int(cfg["num_hidden_layers"]), int(cfg["num_local_experts"]), int(cfg["hidden_size"])
+    return int(cfg["num_hidden_layers"]), plan.num_experts, int(cfg["hidden_size"])
 
 
 def gateless(plan: Plan, ctx: RouterContext) -> list[torch.Tensor]:
@@ -136,7 +138,7 @@ def hidden(plan: Plan, ctx: RouterContext) -> list[torch.Tensor]:
     return hidden_rows(plan, calibration(plan), plan.recipe.recipe.router.pooling or "last", ctx)
 
 
-def trained(plan: Plan, ctx: RouterContext) -> list[torch.Tensor]:
+def trained(plan: Plan, ctx: RouterContext) -> list[torch.Tensor] | Gates:
     """Routers trained on the experts' data (router.train), from the hidden rows or zeros."""
     from mergekit_mode import router_training
 
@@ -155,5 +157,25 @@ ROUTERS: dict[str, RouterFn] = {
 }
 
 
-def make_routers(plan: Plan, ctx: RouterContext = RouterContext()) -> list[torch.Tensor]:
-    return ROUTERS[plan.recipe.recipe.router.mode](plan, ctx)
+# Scale of the shared expert's initial gate row, relative to 1/sqrt(hidden_size): small, so the gate
+# sigmoid(g . x) starts at 0.5 within about 1e-3 on every token, and not zero, because llama.cpp
+# computes that sigmoid as silu(z) / z, which is 0/0 for an all-zero gate.
+SHARED_GATE_SCALE = 1e-3
+
+
+def shared_gates(plan: Plan) -> list[torch.Tensor]:
+    """The shared expert's gate rows [1, hidden] per layer before any training (none without one)."""
+    if plan.shared is None:
+        return []
+    layers, _, hidden = _shape(plan)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"shared-gate:{plan.recipe.recipe.router.seed}".encode()))
+    return [torch.randn(1, hidden, generator=gen) * (SHARED_GATE_SCALE / hidden ** 0.5) for _ in range(layers)]
+
+
+def as_gates(plan: Plan, made: "list[torch.Tensor] | Gates") -> Gates:
+    """A mode's result with the shared expert's untrained gates where the mode made none."""
+    return made if isinstance(made, Gates) else Gates(made, shared_gates(plan))
+
+
+def make_routers(plan: Plan, ctx: RouterContext = RouterContext()) -> Gates:
+    return as_gates(plan, ROUTERS[plan.recipe.recipe.router.mode](plan, ctx))

@@ -71,6 +71,19 @@ def mistral(tmp_path_factory, tokenizer_dir) -> Family:
     return _family(tmp_path_factory.mktemp("mistral"), tokenizer_dir, "mistral", 4, max_shard_size="100KB")
 
 
+@pytest.fixture(scope="session")
+def qwen2(tmp_path_factory, tokenizer_dir) -> Family:
+    """Tiny Qwen2 base (q/k/v biases, rope_theta 1e6 as Qwen2.5) with 3 experts."""
+    return _family(tmp_path_factory.mktemp("qwen2"), tokenizer_dir, "qwen2", 3, rope_theta=1e6)
+
+
+@pytest.fixture(scope="session")
+def qwen3(tmp_path_factory, tokenizer_dir) -> Family:
+    """Tiny Qwen3 base (q/k norms, tied embeddings as Qwen3-0.6B) with 3 experts."""
+    return _family(tmp_path_factory.mktemp("qwen3"), tokenizer_dir, "qwen3", 3, rope_theta=1e6,
+                   tie_word_embeddings=True)
+
+
 def write_recipe(path: Path, base: Path, experts: list[Path], names: list[str] | None = None, **extra) -> Path:
     specs = [{"model": str(e)} | ({"name": names[i]} if names else {}) for i, e in enumerate(experts)]
     recipe = {"base_model": str(base), "experts": specs, **extra}

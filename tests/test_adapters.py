@@ -317,8 +317,8 @@ def _other_shape(work: Path) -> None:
         (lambda w: _edit_config(w / "a", layers_pattern="layers"), "adapter_config.json: not a valid LoRA config"),
         (lambda w: _edit_config(w / "a", rank_pattern={"gate_proj": "4"}),
          "adapter_config.json: rank_pattern['gate_proj'] must be a positive integer, not '4'"),
-        (lambda w: _add_lora_bias(w / "a", 0.5), "non-zero LoRA bias (lora_bias=True), but "
-                                                 "model.layers.0.mlp.gate_proj.weight has no bias in Mixtral"),
+        (lambda w: _add_lora_bias(w / "a", 0.5), "non-zero LoRA bias (lora_bias=True) on "
+                                                 "model.layers.0.mlp.gate_proj.weight; LoRA biases are not merged"),
         (lambda w: _other_shape(w), "experts[1].adapter: LoRA on model.layers.0.mlp.gate_proj fits a weight of shape "
                                     "[96, 64], {base} has [128, 64]"),
         (lambda w: (w / "a" / "adapter_config.json").unlink(), "adapter_config.json does not exist"),

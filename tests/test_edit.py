@@ -238,3 +238,24 @@ def test_trained_routers_are_retrained_within_the_stated_tolerance(domain_suite,
         assert edited[d].perplexity <= reference[d].perplexity * (1 + TRAINED_TOLERANCE), d
         assert edited[d].perplexity >= reference[d].perplexity * 0.9, d  # the same model, not another one
     assert "retrained by `mergekit-mode edit`" in (tmp_path / "new" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("family_name,extra", [("qwen2", {"shared_expert": "base"}), ("qwen3", {})])
+@pytest.mark.parametrize("mode", ["noisy", "hidden"])
+def test_edit_of_qwen_outputs_equals_a_full_build(request, tmp_path, run_cli, family_name, extra, mode):
+    """Qwen2-MoE (with the base's MLP as shared expert and its gate) and Qwen3-MoE: dropping an expert
+    copies what stays and gives the bytes of a full build of the edited recipe."""
+    fam = request.getfixturevalue(family_name)
+    names = ["arithmetic", "code", "dna"]
+    for n in names:
+        write_corpus(n, tmp_path / f"{n}.txt", 600, seed=5)
+    experts = [{"name": n, "model": str(e), "data": f"./{n}.txt"} for n, e in zip(names, fam.experts)]
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"base_model": str(fam.base), "experts": experts, "router": ROUTERS[mode],
+                                      **extra}, sort_keys=False))
+    assert run_cli(recipe, tmp_path / "moe", "-q").code == 0
+    result = run_cli("edit", tmp_path / "moe", tmp_path / "new", "--drop", "code")
+    assert result.code == 0, result.err
+    copied, total = _copied(result.err)
+    assert copied == total
+    assert _digest(tmp_path / "new") == _digest(_full_build_of(tmp_path / "new", run_cli, tmp_path))

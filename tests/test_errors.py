@@ -106,7 +106,8 @@ def test_unsupported_base_architecture(llama, tmp_path, run_cli):
     cfg["model_type"] = "gpt2"
     (bad / "config.json").write_text(json.dumps(cfg))
     recipe = write_recipe(tmp_path / "r.yml", bad, llama.experts)
-    expect_error(run_cli("validate", recipe), "base_model", "'gpt2'", "llama or mistral")
+    expect_error(run_cli("validate", recipe), "base_model", "'gpt2'", "fused attention",
+                 "llama, mistral, qwen2, qwen3")
 
 
 def test_unparsable_config(llama, tmp_path, run_cli):
