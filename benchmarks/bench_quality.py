@@ -40,7 +40,8 @@ from fixtures import DEVELOPMENT, FIXTURES, Fixture
 from mergekit_mode.cli import main as cli
 from mergekit_mode.domain_routing import BINS, router_modules
 from mergekit_mode.evaluate import evaluate_domain, load_model, tokenize_domains, windows
-from mergekit_mode.formats import mixtral
+from mergekit_mode import formats
+from mergekit_mode.formats.families import MLP_ROLES, family_of
 from mergekit_mode.toy import DomainSuite, finetune
 
 TOP2 = {"experts_per_token": 2}
@@ -204,24 +205,25 @@ def rewrite(src: Path, dst: Path, change, extra: dict[str, torch.Tensor] | None 
 
 
 def router_names(moe: Path) -> set[str]:
-    layers = json.loads((moe / "config.json").read_text())["num_hidden_layers"]
-    return {mixtral.router_tensor(layer) for layer in range(layers)}
+    cfg = json.loads((moe / "config.json").read_text())
+    return {formats.of_config(cfg).router_tensor(layer) for layer in range(cfg["num_hidden_layers"])}
 
 
 def probe_fallback(moe: Path, base: Path, folder: Path, held: dict[str, Path]) -> dict[str, float]:
     """The base's MLP as one more expert that takes what the router leaves: each token runs its
     router's top expert with the router's softmax probability p and the base MLP with 1 - p (in
-    place of the second expert's share). Not expressible as Mixtral rows, so it runs the MoE with
+    place of the second expert's share). Not expressible as router rows, so it runs the MoE with
     its choice replaced by a hook: an upper bound on what a fallback expert could give."""
     cfg = json.loads((moe / "config.json").read_text())
-    experts = int(cfg["num_local_experts"])
+    fmt = formats.of_config(cfg)
+    experts = fmt.num_experts(cfg)
+    family = family_of(json.loads((base / "config.json").read_text()), "base")
     dense = {k: v for f in sorted(base.glob("*.safetensors")) for k, v in load_file(f).items()}
-    extra = {mixtral.expert_tensor(layer, experts, proj): dense[mixtral.layer_prefix(layer) + dense_name]
-             for layer in range(int(cfg["num_hidden_layers"]))
-             for proj, dense_name in mixtral.EXPERT_FROM_MLP.items()}
+    extra = {fmt.expert_tensor(layer, experts, role): dense[family.layer_name(layer, family.mlp(role))]
+             for layer in range(int(cfg["num_hidden_layers"])) for role in MLP_ROLES}
     routers = router_names(moe)
     pad = lambda name, t: torch.cat([t, torch.zeros(1, t.shape[1])]) if name in routers else t  # noqa: E731
-    rewrite(moe, folder, pad, extra, {"num_local_experts": experts + 1})
+    rewrite(moe, folder, pad, extra, {fmt.experts_key: experts + 1})
     model = load_model(folder, torch.device("cpu"))
 
     def fallback(_module, _inputs, out):

@@ -6,7 +6,8 @@ into one token stream and cut into non-overlapping windows of `ctx` tokens; ever
 first of its window is scored, and perplexity is exp(total loss / scored tokens). Fixed windows
 make numbers comparable between models that share a tokenizer (the base, the experts, the MoE).
 
-For Mixture-of-Experts models (config has `num_local_experts`) routing is, per layer and expert,
+For Mixture-of-Experts models in an output format mergekit-mode writes (mergekit_mode.formats, found
+from the config's model_type) routing is, per layer and expert,
 the share of the input tokens that have the expert among their top-k choices (from the router
 logits): 1.0 means the expert runs on every token. Each layer sums to k; k/E per expert is what
 a balanced router gives. Where a domain's name is an expert's name, eval can also report the weight
@@ -24,13 +25,15 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from mergekit_mode.build import RECIPE_FILE
 from mergekit_mode.calibration import iter_documents, load_tokenizer, tokenize_documents
+from mergekit_mode import formats
 from mergekit_mode.domain_routing import BINS, OracleRouting, OwnWeight, OwnWeightCounter, oracle_routing, recorded_choices
 from mergekit_mode.errors import ModeError
+from mergekit_mode.inputs import ModelFolder
 from mergekit_mode.layerwise import Batch, make_batches
+from mergekit_mode.safety import check_name_lengths, read_small_file
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ def parse_data(values: tuple[str, ...]) -> dict[str, Path]:
             raise ModeError(f"--data: {value!r} is not NAME=FILE")
         if name in data:
             raise ModeError(f"--data: domain {name!r} given twice")
+        check_name_lengths(Path(file), f"--data {name}")
         data[name] = Path(file)
     return data
 
@@ -59,25 +63,29 @@ def windows(ids: list[int], ctx: int) -> list[list[int]]:
     return [ids[i:i + ctx] for i in range(0, len(ids), ctx) if len(ids[i:i + ctx]) >= 2]
 
 
-def load_model(path: Path, device: torch.device):
+def load_model(path: Path, device: torch.device, field: str = "MODEL"):
+    """A model folder (`field`: who asked for it) with transformers, once it is known to be a local folder
+    of safetensors that asks for no custom code (and told never to run any, nor to look for it on the
+    model hub)."""
     from transformers import AutoModelForCausalLM
 
-    if not (path / "config.json").is_file():
-        raise ModeError(f"MODEL: {path} is not a model folder (no config.json)")
+    ModelFolder.open_to_load(path, field)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False,
+                                                     local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as e:
-        raise ModeError(f"MODEL: cannot load {path} ({str(e).splitlines()[0]})") from None
+        raise ModeError(f"{field}: cannot load {path} ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
 
 
 def expert_names(path: Path, num_experts: int) -> list[str]:
     """The experts' names from the recipe that build copied into the model folder, else 0..E-1."""
-    from mergekit_mode.recipe import parse_recipe
+    from mergekit_mode.recipe import load_yaml, parse_recipe
 
     try:
-        names = parse_recipe(yaml.safe_load((path / RECIPE_FILE).read_text()), RECIPE_FILE).expert_names
-    except (OSError, yaml.YAMLError, ModeError):
+        text = read_small_file(path / RECIPE_FILE).decode("utf-8")
+        names = parse_recipe(load_yaml(text, RECIPE_FILE), RECIPE_FILE).expert_names
+    except (OSError, UnicodeDecodeError, ModeError):
         names = []
     return names if len(names) == num_experts else [str(e) for e in range(num_experts)]
 
@@ -88,9 +96,9 @@ def evaluate_domain(model, ids: list[int], ctx: int, batch_size: int, device: to
     """One domain's result. `expert` (index, name) is the domain's own expert: its weight is
     reported, and with `oracle` the routing is forced to it."""
     cfg = model.config
-    num_experts = getattr(cfg, "num_local_experts", None)
-    counts = torch.zeros(cfg.num_hidden_layers, num_experts) if num_experts else None
-    own = OwnWeightCounter(cfg.num_hidden_layers, expert[0]) if expert and num_experts else None
+    fmt = formats.of_config(cfg)
+    counts = torch.zeros(cfg.num_hidden_layers, fmt.num_experts(cfg)) if fmt else None
+    own = OwnWeightCounter(cfg.num_hidden_layers, expert[0]) if expert and fmt else None
     loss_sum, scored, routed_tokens = 0.0, 0, 0
     with _forced(model, expert, oracle), recorded_choices(model) as choices:
         for batch in make_batches(windows(ids, ctx), batch_size):
@@ -148,8 +156,10 @@ def own_experts(model_dir: Path, domains: list[str], oracle: Optional[OracleRout
     """Each domain whose name is an expert's name in MODEL (from the recipe build copied in), with
     that expert's index. With `oracle` every domain must have one (checked before any weights load)."""
     try:
-        num_experts = json.loads((model_dir / "config.json").read_text()).get("num_local_experts")
-    except (OSError, ValueError):
+        config = json.loads(read_small_file(model_dir / "config.json"))
+        fmt = formats.of_config(config)
+        num_experts = fmt.num_experts(config) if fmt else None
+    except (OSError, ValueError, KeyError, TypeError, ModeError):
         num_experts = None  # load_model says what is wrong with the folder
     names = expert_names(model_dir, int(num_experts)) if num_experts else []
     experts = {d: (names.index(d), d) for d in domains if d in names}
@@ -178,6 +188,7 @@ def evaluate(model_dir: Path, data: dict[str, Path], *, ctx: int = 128, batch_si
              max_tokens: int = 50_000, device: torch.device = torch.device("cpu"), own_weight: bool = False,
              oracle: Optional[OracleRouting] = None) -> dict[str, DomainResult]:
     """Every domain's result, in the order given."""
+    ModelFolder.open_to_load(model_dir, "MODEL")  # before reading any text
     streams = tokenize_domains(model_dir, data, max_tokens)
     return evaluate_streams(model_dir, streams, ctx=ctx, batch_size=batch_size, device=device,
                             own_weight=own_weight, oracle=oracle)

@@ -14,8 +14,8 @@ from mergekit_mode.adapters import merge_lora
 from mergekit_mode.errors import ModeError
 from mergekit_mode.inputs import Prefetcher, TensorReader
 from mergekit_mode.numerics import all_finite
-from mergekit_mode.ops import Copy, LoraMerge, Mean, RouterWeights, Source, StemMerge
-from mergekit_mode.plan import OutputTensor, Plan
+from mergekit_mode.ops import Copy, LoraMerge, Mean, RouterWeights, SharedGate, Source, StemMerge, Zeros
+from mergekit_mode.plan import Gates, OutputTensor, Plan
 from mergekit_mode.writer import ShardedWriter
 
 Progress = Callable[[OutputTensor], None]
@@ -56,7 +56,7 @@ class _Inputs:
         return total.div_(op.count).add_(base)
 
 
-def compute(item: OutputTensor, inputs: _Inputs, routers: list[torch.Tensor]) -> torch.Tensor:
+def compute(item: OutputTensor, inputs: _Inputs, gates: Gates) -> torch.Tensor:
     op = item.op
     where = f"{item.name} ({op})"
     if isinstance(op, Copy):
@@ -67,7 +67,11 @@ def compute(item: OutputTensor, inputs: _Inputs, routers: list[torch.Tensor]) ->
         tensor, where = tensor.to(inputs.device), f"{info.file}: tensor {info.name}"
         error = f"{where}: contains NaN or Inf"
     elif isinstance(op, RouterWeights):
-        tensor, error = routers[op.layer], f"router of layer {op.layer}: contains NaN or Inf"
+        tensor, error = gates.routers[op.layer], f"router of layer {op.layer}: contains NaN or Inf"
+    elif isinstance(op, SharedGate):
+        tensor, error = gates.shared[op.layer], f"shared expert gate of layer {op.layer}: contains NaN or Inf"
+    elif isinstance(op, Zeros):
+        tensor, error = torch.zeros(item.shape, device=inputs.device), ""
     elif isinstance(op, LoraMerge):
         tensor, error = inputs.merged(op), f"{where}: contains NaN or Inf"
     elif isinstance(op, Mean):
@@ -90,18 +94,16 @@ def compute(item: OutputTensor, inputs: _Inputs, routers: list[torch.Tensor]) ->
 def compute_alone(item: OutputTensor, plan: Plan, reader: TensorReader, device: torch.device) -> torch.Tensor:
     """One output tensor outside the write pass, exactly as the write pass makes it (router
     training runs the output's own layers from these)."""
-    return compute(item, _Inputs(plan, reader, device), [])
+    return compute(item, _Inputs(plan, reader, device), Gates([]))
 
 
-def execute(
-    plan: Plan, routers: list[torch.Tensor], writer: ShardedWriter, device: torch.device, progress: Progress
-) -> None:
+def execute(plan: Plan, gates: Gates, writer: ShardedWriter, device: torch.device, progress: Progress) -> None:
     with TensorReader() as reader:
         prefetcher = Prefetcher(reader, plan.reads())
         inputs = _Inputs(plan, prefetcher, device)
         try:
             for item in plan.tensors:
-                writer.write(item.name, compute(item, inputs, routers))
+                writer.write(item.name, compute(item, inputs, gates))
                 progress(item)
         finally:
             prefetcher.close()

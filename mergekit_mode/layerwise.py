@@ -1,4 +1,4 @@
-"""A Llama/Mistral stem run one decoder layer at a time over every calibration token.
+"""A dense base's stem run one decoder layer at a time over every calibration token.
 
 mergekit's `hidden` mode loads the whole base model to take its hidden states, which runs out of
 memory on large bases. Here each decoder layer is built from the config, its weights are read with
@@ -6,18 +6,20 @@ memory on large bases. Here each decoder layer is built from the config, its wei
 before the next: peak memory is about one layer plus the activations of the calibration tokens
 (hidden states and router inputs, tokens x hidden_size x 4 bytes each), whatever the depth.
 
-The layer is transformers' own `LlamaDecoderLayer`/`MistralDecoderLayer`, so the numbers are the
-full model's. Weights come from a `Weights` source: `FolderWeights` reads a model folder (the
-base, for `hidden`), `PlanWeights` computes the output's own tensors as the executor does (the
-stem as `stem:` makes it, and each expert's MLP), so the merged MoE runs exactly as it will load.
-The router input of Mixtral is the MLP input, i.e. the output of the layer's
-`post_attention_layernorm`, not the layer's input that mergekit uses: it is captured with a
-forward hook on that norm. `MoeMlp` replaces the dense MLP with Mixtral's sparse block over the
-experts' MLPs, so the same loop runs the merged MoE layer by layer.
+The layer is transformers' own decoder layer of the base's family (`LlamaDecoderLayer`,
+`Qwen3DecoderLayer`, ...), so the numbers are the full model's. Weights come from a `Weights`
+source: `FolderWeights` reads a model folder (the base, for `hidden`), `PlanWeights` computes the
+output's own tensors as the executor does (the stem as `stem:` makes it, and each expert's MLP),
+so the merged MoE runs exactly as it will load. The router input of every output format is the
+MLP input, i.e. the output of the layer's `post_attention_layernorm`, not the layer's input that
+mergekit uses: it is captured with a forward hook on that norm. The output format's MoE block
+(`OutputFormat.moe_block`) replaces the dense MLP, so the same loop runs the merged MoE layer by
+layer.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from importlib import import_module
 from typing import Callable, Optional
@@ -27,7 +29,8 @@ from torch import nn
 
 from mergekit_mode.calibration import Sequence
 from mergekit_mode.executor import compute_alone
-from mergekit_mode.formats import mixtral
+from mergekit_mode.formats import families
+from mergekit_mode.formats.families import BaseFamily
 from mergekit_mode.inputs import ModelFolder, TensorReader
 from mergekit_mode.plan import Plan
 
@@ -57,7 +60,7 @@ class PlanWeights:
 
 
 def stem_config(base: ModelFolder):
-    """The base's transformers config (Llama or Mistral), with SDPA attention."""
+    """The base's transformers config (of its family's class), with SDPA attention."""
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(**base.config)
@@ -65,13 +68,9 @@ def stem_config(base: ModelFolder):
     return config
 
 
-def _modeling(model_type: str):
-    return import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-
-
-def _class(model_type: str, suffix: str) -> type:
-    module = _modeling(model_type)
-    return getattr(module, f"{model_type.capitalize()}{suffix}")
+def _class(family: BaseFamily, model_type: str, suffix: str) -> type:
+    module = import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    return getattr(module, f"{family.transformers_prefix}{suffix}")
 
 
 @dataclass(frozen=True)
@@ -108,40 +107,18 @@ def load_params(module: nn.Module, weights: Weights, names: dict[str, str]) -> N
             params[param].copy_(weights(tensor))
 
 
-class MoeMlp(nn.Module):
-    """Mixtral's sparse MoE block over dense expert MLPs: softmax over all experts, top-k,
-    renormalise the k weights, weighted sum (what MixtralSparseMoeBlock computes)."""
-
-    def __init__(self, router: torch.Tensor, experts: list[nn.Module], top_k: int) -> None:
-        super().__init__()
-        self.router = nn.Parameter(router, requires_grad=False)
-        self.experts = nn.ModuleList(experts)
-        self.top_k = top_k
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        probs = torch.softmax((flat @ self.router.T).float(), dim=-1)
-        weights, index = torch.topk(probs, self.top_k, dim=-1)
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.nonzero(index == e, as_tuple=True)
-            if token.numel():
-                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
-        return out.reshape(x.shape)
-
-
 class LayerStream:
-    """A Llama/Mistral stack, layer by layer, over a fixed list of token batches."""
+    """A dense base's stack, layer by layer, over a fixed list of token batches."""
 
     def __init__(self, base: ModelFolder, weights: Weights, batches: list[Batch], device: torch.device) -> None:
         self.model_type = base.model_type  # the architecture and config are the base's
+        self.family = families.family_of(base.config, "base_model")
         self.weights = weights
         self.batches = batches
         self.device = device
         self.config = stem_config(base)
         self.num_layers = int(self.config.num_hidden_layers)
-        rotary = _class(self.model_type, "RotaryEmbedding")(self.config).to(device)
+        rotary = _class(self.family, self.model_type, "RotaryEmbedding")(self.config).to(device)
         self._rope = [rotary(torch.zeros(1, device=device), self._positions(b)) for b in batches]
         masks = import_module("transformers.masking_utils")
         sliding = getattr(self.config, "sliding_window", None) is not None
@@ -152,7 +129,7 @@ class LayerStream:
 
     def embed(self) -> list[torch.Tensor]:
         """Layer 0's input per batch: embedding rows of the ids (kept on the CPU between layers)."""
-        table = self.weights(mixtral.EMBED).cpu()
+        table = self.weights(families.EMBED.name).cpu()
         return [table[b.ids] for b in self.batches]
 
     def decoder_layer(self, index: int, mlp: Optional[nn.Module] = None) -> nn.Module:
@@ -161,24 +138,40 @@ class LayerStream:
         layer = self._empty("DecoderLayer", index)
         if mlp is not None:
             layer.mlp = mlp.to(self.device)
-        prefix = mixtral.layer_prefix(index)
+        prefix = f"{families.LAYER_PREFIX}{index}."
         names = {n: prefix + n for n, _ in layer.named_parameters() if mlp is None or not n.startswith("mlp.")}
         load_params(layer, self.weights, names)
         return layer.eval()
 
-    def expert_mlp(self, index: int, expert: int) -> nn.Module:
-        """Expert `expert`'s MLP in layer `index` of the output (w1/w3/w2 -> gate/up/down_proj)."""
-        mlp = self._empty("MLP")
-        names = {dense.removeprefix("mlp."): mixtral.expert_tensor(index, expert, proj)
-                 for proj, dense in mixtral.EXPERT_FROM_MLP.items()}
-        load_params(mlp, self.weights, names)
+    def moe(self, plan: Plan, index: int, router: torch.Tensor, shared_gate: Optional[torch.Tensor] = None) -> nn.Module:
+        """Layer `index`'s MoE block of the plan's output (its format's block over its experts'
+        MLPs, and its shared expert with this gate row if it has one), with this router."""
+        fmt = plan.format
+        experts = [self._mlp({role: fmt.expert_tensor(index, e, role) for role in fmt.experts})
+                   for e in range(plan.num_experts)]
+        shared = None
+        if plan.shared is not None:
+            assert shared_gate is not None, f"{fmt.name} has a shared expert: give its gate"
+            names = {role: fmt.shared_expert_tensor(index, role) for role in fmt.experts}
+            shared = (self._mlp(names, plan.shared.intermediate_size), shared_gate)
+        return fmt.moe_block(router, experts, plan.top_k, shared)
+
+    def _mlp(self, names: dict[families.Role, str], intermediate_size: Optional[int] = None) -> nn.Module:
+        """The family's dense MLP with the weights named per role (an expert's, the shared expert's)."""
+        config = self.config
+        if intermediate_size is not None:
+            config = copy.copy(config)
+            config.intermediate_size = intermediate_size
+        mlp = self._empty("MLP", config=config)
+        load_params(mlp, self.weights, {self.family.mlp(role).name.removeprefix("mlp."): tensor
+                                        for role, tensor in names.items()})
         return mlp
 
-    def _empty(self, suffix: str, *args: int) -> nn.Module:
+    def _empty(self, suffix: str, *args: int, config=None) -> nn.Module:
         """A transformers module with uninitialised parameters on the device: every one is loaded
         next, and a random init of a large layer costs seconds on a CPU."""
         with torch.device("meta"):
-            module = _class(self.model_type, suffix)(self.config, *args)
+            module = _class(self.family, self.model_type, suffix)(config or self.config, *args)
         # buffers would stay uninitialised: none exist in these modules (rotary is model-level)
         assert not list(module.buffers()), f"{suffix} has buffers"
         return module.to_empty(device=self.device)

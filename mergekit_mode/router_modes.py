@@ -14,6 +14,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mergekit_mode.fields import FieldError, Float, Int
+
 
 @dataclass(frozen=True)
 class RouterMode:
@@ -71,6 +73,8 @@ class Fit:
 # steps at 3e-3 left the deeper layers' routers unsure and cost up to 9%). lm steps run the whole MoE.
 FIT_DEFAULTS: dict[str, Fit] = {"domain": Fit(steps=3000, lr=1e-2), "lm": Fit(steps=300, lr=3e-3)}
 Objective = Literal["domain", "lm"]
+# Router training holds a step's tokens (batch_size x seq_len) and their activations in memory.
+MAX_TOKENS_PER_STEP = 2**20
 
 
 class TrainSpec(BaseModel):
@@ -81,25 +85,30 @@ class TrainSpec(BaseModel):
     objective: Objective = Field(
         "domain", description="domain: each layer's router learns to pick the expert whose data a token came from "
         "(cross-entropy on that layer's router inputs, layer by layer; cheap). lm: next-token loss of the whole MoE "
-        "plus Mixtral's load-balancing loss (holds the whole MoE in memory: small models or a GPU).",
+        "plus the output format's load-balancing loss (holds the whole MoE in memory: small models or a GPU).",
     )
     init: Literal["hidden", "zeros", "domain"] = Field(
         "hidden", description="Start from the hidden-mode routers, from zeros, or (objective lm) from routers first "
         "trained with objective domain from the hidden ones (a domain-classifier init, with domain's default steps "
         "and lr).",
     )
-    steps: Optional[int] = Field(
+    steps: Optional[Int] = Field(
         None, ge=1, description=f"Optimizer steps of the objective (per layer for domain); default "
         f"{FIT_DEFAULTS['domain'].steps} for domain, {FIT_DEFAULTS['lm'].steps} for lm.")
-    lr: Optional[float] = Field(
-        None, gt=0, description=f"Adam learning rate; default {FIT_DEFAULTS['domain'].lr:g} for domain, "
+    lr: Optional[Float] = Field(
+        None, gt=0, description=f"Adam learning rate (at most 1); default {FIT_DEFAULTS['domain'].lr:g} for domain, "
         f"{FIT_DEFAULTS['lm'].lr:g} for lm.")
-    batch_size: int = Field(8, ge=1, description="Sequences of seq_len tokens per step.")
-    held_out: float = Field(0.1, ge=0, lt=1, description="Share of each expert's documents kept out of training "
+    batch_size: Int = Field(8, ge=1, description="Sequences of seq_len tokens per step (batch_size x seq_len at "
+                            f"most {MAX_TOKENS_PER_STEP}).")
+    held_out: Float = Field(0.1, ge=0, lt=1, description="Share of each expert's documents kept out of training "
                             "and used to report routing accuracy per layer.")
 
     @model_validator(mode="after")
     def _domain_init_for_lm(self) -> "TrainSpec":
+        if self.lr is not None and self.lr > 1:
+            raise FieldError("lr", f"{self.lr} is too large: Adam moves each router weight by about lr per step "
+                             f"and router weights are of order 1, so anything above 1 diverges (default "
+                             f"{FIT_DEFAULTS[self.objective].lr:g})")
         if self.init == "domain" and self.objective != "lm":
             raise ValueError("init domain applies to objective lm (objective domain starts from hidden or zeros)")
         return self

@@ -6,7 +6,7 @@ Two objectives:
   layer l's router sees the router inputs that layer l of the finished model will see (its
   earlier layers already route with their trained routers), not the dense base's. Cheap: a
   layer and the activations in memory, a few hundred small Adam steps per layer.
-- lm: the whole MoE (transformers' MixtralForCausalLM) with the next-token loss plus Mixtral's
+- lm: the whole MoE (the output format's transformers class) with the next-token loss plus its
   load-balancing loss, gradients into the router weights only. It holds the whole model, so it
   is for small models or a GPU. CONTEXT.md measured that domain accuracy alone (85-97% per layer)
   can still cost perplexity when experts are poor outside their domain; this objective trains
@@ -31,10 +31,10 @@ from tqdm import tqdm
 from mergekit_mode.calibration import ExpertTexts, Sequence
 from mergekit_mode.executor import execute
 from mergekit_mode.inputs import TensorReader
-from mergekit_mode.layerwise import Batch, LayerStream, MoeMlp, PlanWeights, make_batches
-from mergekit_mode.plan import BASE, Plan
+from mergekit_mode.layerwise import Batch, LayerStream, PlanWeights, make_batches
+from mergekit_mode.plan import BASE, Gates, Plan
 from mergekit_mode.router_modes import Fit
-from mergekit_mode.routers import STREAM_BATCH, RouterContext
+from mergekit_mode.routers import STREAM_BATCH, RouterContext, shared_gates
 from mergekit_mode.writer import Entry, ShardedWriter
 
 
@@ -75,7 +75,7 @@ def train_domain(
     layer runs twice (its outputs depend on the router being fitted), a small price next to
     loading the whole MoE."""
     spec = plan.recipe.recipe.router.training
-    top_k = int(plan.config["num_experts_per_tok"])
+    top_k = plan.top_k
     train_seqs, train_labels = _labelled(texts, held_out=False)
     held_seqs, held_labels = _labelled(texts, held_out=True)
     batches = make_batches(train_seqs + held_seqs, STREAM_BATCH)
@@ -85,12 +85,13 @@ def train_domain(
     tokens_per_step = spec.batch_size * plan.recipe.recipe.router.seq_len
     routers, accuracy = [], []
     fit = spec.fit("domain")
+    shared = shared_gates(plan)
     bar = _progress(fit.steps * len(init), "Training routers (domain)", ctx.quiet)
     with TensorReader() as reader, bar:
         stream = LayerStream(plan.inputs[BASE], PlanWeights(plan, reader, ctx.device), batches, ctx.device)
         hidden = stream.embed()
         for index in range(stream.num_layers):
-            moe = MoeMlp(init[index].clone(), [stream.expert_mlp(index, e) for e in range(len(init[index]))], top_k)
+            moe = stream.moe(plan, index, init[index].clone(), shared[index] if shared else None)
             layer = stream.decoder_layer(index, moe)
             _, router_inputs = stream.run(layer, hidden)
             x = torch.cat([b.real(r) for r, b in zip(router_inputs, batches)])
@@ -132,22 +133,25 @@ def _fit(x: torch.Tensor, y: torch.Tensor, init: torch.Tensor, fit: Fit, tokens_
     return weight.detach().cpu()
 
 
-def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx: RouterContext) -> list[torch.Tensor]:
+def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx: RouterContext) -> Gates:
     """Next-token loss plus load balancing of the whole MoE (built with the init routers in a
-    temporary folder and loaded by transformers), Adam on the router weights only."""
-    from transformers import MixtralForCausalLM
-
+    temporary folder and loaded by the format's transformers class), Adam on the router weights
+    only, and on the shared expert's gates in formats that have one."""
     spec = plan.recipe.recipe.router.training
-    top_k = int(plan.config["num_experts_per_tok"])
+    top_k = plan.top_k
+    fmt = plan.format
     with tempfile.TemporaryDirectory(prefix="mergekit-mode-lm-") as tmp:
-        _write_moe(plan, init, Path(tmp), ctx.device)
-        model = MixtralForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(ctx.device).eval()
+        _write_moe(plan, Gates(init, shared_gates(plan)), Path(tmp), ctx.device)
+        model = fmt.model_class().from_pretrained(tmp, dtype=torch.float32, trust_remote_code=False,
+                                                  local_files_only=True).to(ctx.device).eval()
     model.requires_grad_(False)
-    gates = [layer.mlp.gate.weight for layer in model.model.layers]
-    for gate in gates:
+    gates = [layer.get_parameter(fmt.router_parameter) for layer in model.model.layers]
+    shared = ([layer.get_parameter(fmt.shared_gate_parameter) for layer in model.model.layers]
+              if plan.shared is not None else [])
+    for gate in gates + shared:
         gate.requires_grad_(True)
     fit = spec.fit("lm")
-    opt = torch.optim.Adam(gates, lr=fit.lr)
+    opt = torch.optim.Adam(gates + shared, lr=fit.lr)
     train_seqs, _ = _labelled(texts, held_out=False)
     rng = random.Random(plan.recipe.recipe.router.seed)
     with _progress(fit.steps, "Training routers (lm)", ctx.quiet) as bar:
@@ -160,7 +164,7 @@ def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx
             bar.update()
             bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
     _report_lm_accuracy(model, texts, spec.batch_size, top_k, ctx.device)
-    return [gate.detach().float().cpu() for gate in gates]
+    return Gates([gate.detach().float().cpu() for gate in gates], [gate.detach().float().cpu() for gate in shared])
 
 
 def _lm_forward(model, batch: Batch, device: torch.device, labels: bool):
@@ -185,14 +189,14 @@ def _report_lm_accuracy(model, texts: list[ExpertTexts], batch_size: int, top_k:
     report_accuracy([routing_accuracy(torch.cat(l), labels, top_k) for l in per_layer], top_k, len(labels))
 
 
-def _write_moe(plan: Plan, routers: list[torch.Tensor], folder: Path, device: torch.device) -> None:
+def _write_moe(plan: Plan, gates: Gates, folder: Path, device: torch.device) -> None:
     """The plan's model with these routers, float32, in `folder` (weights and config only)."""
     entries = [Entry(t.name, t.shape, torch.float32) for t in plan.tensors]
     tensors = tuple(replace(t, dtype=torch.float32) for t in plan.tensors)
     float_plan = replace(plan, dtype=torch.float32, tensors=tensors)
     writer = ShardedWriter(folder, entries, plan.recipe.recipe.output.shard_size)
     try:
-        execute(float_plan, routers, writer, device, lambda _item: None)
+        execute(float_plan, gates, writer, device, lambda _item: None)
     finally:
         writer.abort()
     config = {**plan.config, "dtype": "float32", "torch_dtype": "float32"}
