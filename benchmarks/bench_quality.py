@@ -18,6 +18,10 @@ On the development fixture it also measures full fine-tunes of the same base (at
 Writes a report (tables, targets met or missed), its numbers as JSON beside it, and a plot:
 
     python benchmarks/bench_quality.py [--workdir DIR] [--fixtures a,b] [--md docs/quality.md] [--png docs/quality.png]
+
+Fixtures can run as separate processes (one --fixtures each, its own --md) and be joined into one
+report with `--rerender a.json b.json ... --md docs/quality.md`; with the same --workdir, a rerun
+reuses the fixtures and every MoE already built from the same recipe.
 """
 
 from __future__ import annotations
