@@ -9,18 +9,7 @@ from mergekit_mode import __version__
 from mergekit_mode.adapters import AdapterFolder
 from mergekit_mode.plan import BASE, Plan
 from mergekit_mode.recipe import ExpertSpec, FromExpert, Recipe
-
-ROUTER_TEXT = {
-    "gateless": "gate-less: every expert runs on every token with equal weight 1/E (router weights are zero)",
-    "noisy": "noisy: Gaussian router weights, top-k experts per token",
-    "random": "random: standard-normal router weights (mergekit-moe's `random`), top-k experts per token",
-    "hidden": "hidden: each row is the base's pooled router input (post_attention_layernorm output) on that "
-              "expert's data, L2-normalised (mergekit's hidden / hidden_avg at the real router input), "
-              "top-k experts per token",
-    "trained": "trained: router weights trained on the experts' data with everything else frozen (see router.train "
-               "in the recipe), top-k experts per token",
-}
-
+from mergekit_mode.router_modes import MODES
 
 SHARED_TEXT = {  # stem: base with adapter experts, by shared_deltas
     "average": "the base's plus the mean of the adapter experts' changes (an adapter that leaves a tensor alone "
@@ -123,7 +112,7 @@ A {plan.format.title}-format Mixture-of-Experts built by [mergekit-mode](https:/
 {rows}
 
 - Shared tensors (embeddings, attention, norms, lm_head): {stem_text(recipe)}.
-- Router `{recipe.router.mode}`: {ROUTER_TEXT[recipe.router.mode]} (seed {recipe.router.seed}).
+- Router `{recipe.router.mode}`: {MODES[recipe.router.mode].card} (seed {recipe.router.seed}).
 - {plan.num_experts} experts, {plan.top_k} per token, {cfg['num_hidden_layers']} layers,
   dtype {cfg['dtype']}, base architecture `{plan.inputs[BASE].model_type}`.
 {format_text(plan)}{plan.carried.card_text()}

@@ -184,12 +184,13 @@ def _eval_options(command):
     return click.argument("model", type=PATH)(_data_options(command))
 
 
-def _run_eval(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str):
+def _run_eval(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str,
+              own_weight: bool = False, oracle: str | None = None):
     from mergekit_mode.build import parse_device
     from mergekit_mode.evaluate import evaluate, parse_data
 
     return evaluate(model, parse_data(data), ctx=ctx, batch_size=batch_size, max_tokens=max_tokens,
-                    device=parse_device(device))
+                    device=parse_device(device), own_weight=own_weight, oracle=oracle)
 
 
 def _names(model: Path, results) -> list[str]:
@@ -202,19 +203,31 @@ def _names(model: Path, results) -> list[str]:
 
 @cli.command("eval")
 @_eval_options
-@click.option("--json", "as_json", is_flag=True, help='Print {"domains": {NAME: {perplexity, tokens, routing}}}.')
+@click.option("--own-weight", is_flag=True,
+              help="MoE: for each domain named like an expert, the weight its tokens give that expert, per layer.")
+@click.option("--oracle-routing", type=click.Choice(["top1", "topk"]), default=None,
+              help="MoE: route every token of a domain by its name: top1 = that expert alone (the dense oracle), "
+                   "topk = that expert plus the router's best others, with the router's weights.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"domains": {NAME: {perplexity, tokens, routing, own_weight}}}.')
 def eval_command(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str,
-                 as_json: bool) -> None:
+                 own_weight: bool, oracle_routing: str | None, as_json: bool) -> None:
     """Perplexity per domain of MODEL (any causal LM folder) and, for MoE models, the share of
     tokens each expert receives per layer.
 
     Perplexity is token-weighted over non-overlapping windows of --ctx tokens of each domain's
     text (the first token of each window is context only). Routing is the share of the tokens
     that have each expert among their top-k; each layer's shares sum to k.
+
+    When a --data NAME is an expert's name (the names of the recipe MODEL was built from), the
+    domain has a right answer: --own-weight reports the weight its tokens give that expert (mean,
+    share not choosing it, spread), and --oracle-routing measures the MoE with routing forced to
+    it. Perplexity with the router, with topk and with top1 oracle routing splits the loss to the
+    expert into misrouting (router -> topk) and soft mixing (topk -> top1).
     """
     from mergekit_mode.evaluate import format_table, to_json
 
-    results = _run_eval(model, data, ctx, max_tokens, batch_size, device)
+    results = _run_eval(model, data, ctx, max_tokens, batch_size, device, own_weight, oracle_routing)
     click.echo(json.dumps(to_json(results)) if as_json else format_table(results, _names(model, results)))
 
 
@@ -360,17 +373,23 @@ def export_gguf(model: Path, outtype: str, outfile: Path | None, force: bool, ol
 @click.option("--router", "routers", default="gateless,noisy,hidden,trained", show_default=True,
               help="Comma-separated router modes; each is built into OUT/<mode>.")
 @_data_options
+@click.option("--own-weight", is_flag=True,
+              help="Also print the mean weight each domain's tokens give the expert of the same name.")
 @click.option("--force", is_flag=True, help="Replace OUT/<mode> folders that exist and are not empty; only "
               "folders mergekit-mode wrote.")
 @click.option("--force-foreign", is_flag=True, help="Replace OUT/<mode> folders whatever they hold. Implies --force.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def sweep(recipe: Path, out: Path, routers: str, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int,
-          device: str, force: bool, force_foreign: bool, quiet: bool) -> None:
+          device: str, own_weight: bool, force: bool, force_foreign: bool, quiet: bool) -> None:
     """Build RECIPE once per router mode into OUT/<mode>/ and print their perplexity side by side.
 
     The recipe's router block is replaced by each mode, keeping its settings where they apply (top-k,
     seed, std, pooling, data limits, train). Every variant is planned before any is built; the --data
     text is tokenized once. Table: one row per domain, one column per mode, the best marked *.
+
+    Name each --data after the expert of its domain (NAME = the expert's name in the recipe) to
+    compare with the target: that expert is scored too, and a second table gives each mode's
+    ratio to it (! above 1.05, the margin docs/quality.md measures the defaults against).
     """
     from mergekit_mode.build import parse_device
     from mergekit_mode.evaluate import parse_data
@@ -383,7 +402,7 @@ def sweep(recipe: Path, out: Path, routers: str, data: tuple[str, ...], ctx: int
         for warning in plan.warnings:
             click.echo(f"warning: {mode}: {warning}", err=True)
     results = run_sweep(plans, out, domains, ctx=ctx, max_tokens=max_tokens, batch_size=batch_size, device=device,
-                        force=force, replace_foreign=force_foreign, quiet=quiet)
+                        force=force, replace_foreign=force_foreign, quiet=quiet, own_weight=own_weight)
     click.echo(format_sweep(results))
 
 

@@ -10,11 +10,15 @@ For Mixture-of-Experts models in an output format mergekit-mode writes (mergekit
 from the config's model_type) routing is, per layer and expert,
 the share of the input tokens that have the expert among their top-k choices (from the router
 logits): 1.0 means the expert runs on every token. Each layer sums to k; k/E per expert is what
-a balanced router gives.
+a balanced router gives. Where a domain's name is an expert's name, eval can also report the weight
+each token gives that expert (`own_weight`) and run the MoE with routing forced from the domain
+(`oracle`): see domain_routing.py.
 """
 
 from __future__ import annotations
 
+import json
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from mergekit_mode.build import RECIPE_FILE
 from mergekit_mode.calibration import iter_documents, load_tokenizer, tokenize_documents
 from mergekit_mode import formats
+from mergekit_mode.domain_routing import BINS, OracleRouting, OwnWeight, OwnWeightCounter, oracle_routing, recorded_choices
 from mergekit_mode.errors import ModeError
 from mergekit_mode.inputs import ModelFolder
 from mergekit_mode.layerwise import Batch, make_batches
@@ -36,6 +41,7 @@ class DomainResult:
     perplexity: float
     tokens: int  # scored tokens
     routing: Optional[list[list[float]]]  # [layer][expert] share of tokens; None for dense models
+    own_weight: Optional[OwnWeight] = None  # when asked for and the domain names an expert
 
 
 def parse_data(values: tuple[str, ...]) -> dict[str, Path]:
@@ -85,35 +91,49 @@ def expert_names(path: Path, num_experts: int) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate_domain(model, ids: list[int], ctx: int, batch_size: int, device: torch.device) -> DomainResult:
+def evaluate_domain(model, ids: list[int], ctx: int, batch_size: int, device: torch.device,
+                    expert: Optional[tuple[int, str]] = None, oracle: Optional[OracleRouting] = None) -> DomainResult:
+    """One domain's result. `expert` (index, name) is the domain's own expert: its weight is
+    reported, and with `oracle` the routing is forced to it."""
     cfg = model.config
     fmt = formats.of_config(cfg)
     counts = torch.zeros(cfg.num_hidden_layers, fmt.num_experts(cfg)) if fmt else None
+    own = OwnWeightCounter(cfg.num_hidden_layers, expert[0]) if expert and fmt else None
     loss_sum, scored, routed_tokens = 0.0, 0, 0
-    for batch in make_batches(windows(ids, ctx), batch_size):
-        kwargs = {"output_router_logits": True} if counts is not None else {}
-        out = model(input_ids=batch.ids.to(device), **kwargs)
-        targets = batch.ids.masked_fill(~_real_mask(batch), -100)[:, 1:].to(device)
-        loss_sum += F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), targets.flatten(),
-                                    ignore_index=-100, reduction="sum").item()
-        scored += int((targets != -100).sum())
-        if counts is not None:
-            routed_tokens += int(batch.lengths.sum())
-            _count_choices(counts, out.router_logits, batch, fmt.top_k(cfg))
+    with _forced(model, expert, oracle), recorded_choices(model) as choices:
+        for batch in make_batches(windows(ids, ctx), batch_size):
+            choices.clear()
+            logits = model(input_ids=batch.ids.to(device)).logits
+            targets = batch.ids.masked_fill(~_real_mask(batch), -100)[:, 1:].to(device)
+            loss_sum += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                        ignore_index=-100, reduction="sum").item()
+            scored += int((targets != -100).sum())
+            if counts is not None:
+                routed_tokens += int(batch.lengths.sum())
+                _count_choices(counts, own, choices, batch)
     if scored == 0:
         raise ModeError("--data: fewer than 2 tokens of text")
     routing = (counts / routed_tokens).tolist() if counts is not None else None
-    return DomainResult(float(torch.tensor(loss_sum / scored).exp()), scored, routing)
+    return DomainResult(float(torch.tensor(loss_sum / scored).exp()), scored, routing,
+                        own.result(expert[1]) if own else None)
+
+
+def _forced(model, expert: Optional[tuple[int, str]], oracle: Optional[OracleRouting]):
+    return oracle_routing(model, expert[0], oracle) if oracle and expert else nullcontext()
 
 
 def _real_mask(batch: Batch) -> torch.Tensor:
     return torch.arange(batch.ids.shape[1])[None, :] < batch.lengths[:, None]
 
 
-def _count_choices(counts: torch.Tensor, router_logits, batch: Batch, k: int) -> None:
-    for layer, logits in enumerate(router_logits):
-        real = batch.real(logits.float().cpu().reshape(*batch.ids.shape, -1))
-        counts[layer] += torch.bincount(real.topk(k, dim=-1).indices.flatten(), minlength=counts.shape[1])
+def _count_choices(counts: torch.Tensor, own: Optional[OwnWeightCounter], choices, batch: Batch) -> None:
+    """Top-k membership per layer and expert (and the own expert's weight) from each router's choices."""
+    real = _real_mask(batch).flatten()
+    for layer, (weights, indices) in enumerate(choices):
+        weights, indices = weights[real], indices[real]
+        counts[layer] += torch.bincount(indices.flatten(), minlength=counts.shape[1])
+        if own is not None:
+            own.add(layer, weights, indices)
 
 
 def tokenize_domains(model_dir: Path, data: dict[str, Path], max_tokens: int = 50_000) -> dict[str, list[int]]:
@@ -132,20 +152,46 @@ def check_ctx(ctx: int) -> None:
         raise ModeError(f"--ctx: {ctx} is too short (at least 2 tokens)")
 
 
+def own_experts(model_dir: Path, domains: list[str], oracle: Optional[OracleRouting]) -> dict[str, tuple[int, str]]:
+    """Each domain whose name is an expert's name in MODEL (from the recipe build copied in), with
+    that expert's index. With `oracle` every domain must have one (checked before any weights load)."""
+    try:
+        config = json.loads(read_small_file(model_dir / "config.json"))
+        fmt = formats.of_config(config)
+        num_experts = fmt.num_experts(config) if fmt else None
+    except (OSError, ValueError, KeyError, TypeError, ModeError):
+        num_experts = None  # load_model says what is wrong with the folder
+    names = expert_names(model_dir, int(num_experts)) if num_experts else []
+    experts = {d: (names.index(d), d) for d in domains if d in names}
+    if oracle and not names:
+        raise ModeError(f"--oracle-routing: {model_dir} is not a Mixture-of-Experts model")
+    missing = [d for d in domains if d not in experts]
+    if oracle and missing:
+        raise ModeError(f"--oracle-routing: no expert is named {missing[0]!r} in {model_dir} "
+                        f"(experts: {', '.join(names)}); name each --data after its expert")
+    return experts
+
+
 def evaluate_streams(model_dir: Path, streams: dict[str, list[int]], *, ctx: int = 128, batch_size: int = 8,
-                     device: torch.device = torch.device("cpu")) -> dict[str, DomainResult]:
-    """Every domain's result on already tokenized text, in the order given."""
+                     device: torch.device = torch.device("cpu"), own_weight: bool = False,
+                     oracle: Optional[OracleRouting] = None) -> dict[str, DomainResult]:
+    """Every domain's result on already tokenized text, in the order given. `own_weight`: report the
+    weight of each domain's own expert; `oracle`: force routing to it (every domain must name one)."""
     check_ctx(ctx)
+    experts = own_experts(model_dir, list(streams), oracle) if own_weight or oracle else {}
     model = load_model(model_dir, device)
-    return {name: evaluate_domain(model, ids, ctx, batch_size, device) for name, ids in streams.items()}
+    return {name: evaluate_domain(model, ids, ctx, batch_size, device, experts.get(name), oracle)
+            for name, ids in streams.items()}
 
 
 def evaluate(model_dir: Path, data: dict[str, Path], *, ctx: int = 128, batch_size: int = 8,
-             max_tokens: int = 50_000, device: torch.device = torch.device("cpu")) -> dict[str, DomainResult]:
+             max_tokens: int = 50_000, device: torch.device = torch.device("cpu"), own_weight: bool = False,
+             oracle: Optional[OracleRouting] = None) -> dict[str, DomainResult]:
     """Every domain's result, in the order given."""
     ModelFolder.open_to_load(model_dir, "MODEL")  # before reading any text
     streams = tokenize_domains(model_dir, data, max_tokens)
-    return evaluate_streams(model_dir, streams, ctx=ctx, batch_size=batch_size, device=device)
+    return evaluate_streams(model_dir, streams, ctx=ctx, batch_size=batch_size, device=device,
+                            own_weight=own_weight, oracle=oracle)
 
 
 def to_json(results: dict[str, DomainResult]) -> dict:
@@ -164,4 +210,16 @@ def format_table(results: dict[str, DomainResult], names: list[str]) -> str:
         lines += ["", f"routing of {domain} (share of its tokens that each expert gets, top-k)",
                   "layer  " + "  ".join(f"{n:>{col}}" for n in names)]
         lines += [f"{layer:>5}  " + "  ".join(f"{s:>{col}.3f}" for s in row) for layer, row in enumerate(r.routing)]
+        if r.own_weight is not None:
+            lines += ["", *format_own_weight(domain, r.own_weight)]
     return "\n".join(lines)
+
+
+def format_own_weight(domain: str, own: OwnWeight) -> list[str]:
+    """Per layer: the mean weight of the domain's expert and how its tokens spread (shares of tokens)."""
+    half, high = BINS // 2, int(BINS * 0.9)
+    lines = [f"weight of {domain}'s own expert ({own.expert}) per token",
+             "layer    mean  not chosen  below 0.5  0.9 or more"]
+    for layer, (mean, zero, hist) in enumerate(zip(own.mean, own.not_chosen, own.histogram)):
+        lines.append(f"{layer:>5}  {mean:6.3f}  {zero:10.3f}  {sum(hist[:half]):9.3f}  {sum(hist[high:]):11.3f}")
+    return lines

@@ -15,8 +15,12 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mergekit_mode.errors import ModeError
+from mergekit_mode.fields import FieldError as _FieldError, Float, Int, not_bool as _not_bool
 from mergekit_mode.formats import NAMES as FORMAT_NAMES, defaults as format_defaults
+from mergekit_mode.router_modes import DATA_MODES, MAX_TOKENS_PER_STEP, ModeName, TrainSpec, mode_help
 from mergekit_mode.safety import name_too_long, read_small_file
+
+__all__ = ["DATA_MODES", "MAX_TOKENS_PER_STEP", "TrainSpec"]  # defined with the router modes, used with the recipe
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40}
@@ -40,13 +44,6 @@ ByteSize = Annotated[int, BeforeValidator(parse_size)]
 DType = Literal["float32", "float16", "bfloat16"]
 
 
-def _not_bool(value: object) -> object:
-    """YAML's true/false are not numbers (pydantic would read `experts_per_token: true` as 1)."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {str(value).lower()}")
-    return value
-
-
 def _name_lengths(path: Path) -> Path:
     problem = name_too_long(path)
     if problem:
@@ -61,12 +58,8 @@ def _seed_range(seed: int) -> int:
     return seed
 
 
-Int = Annotated[int, BeforeValidator(_not_bool)]
-Float = Annotated[float, BeforeValidator(_not_bool)]
 Seed = Annotated[int, BeforeValidator(_not_bool), AfterValidator(_seed_range)]
 FilePath = Annotated[Path, AfterValidator(_name_lengths)]
-# Router training holds a step's tokens (batch_size x seq_len) and their activations in memory.
-MAX_TOKENS_PER_STEP = 2**20
 
 
 RESERVED_NAME = "base_model"  # how plans and `stem:` refer to the recipe's base
@@ -148,48 +141,10 @@ Embeddings = BaseOrExpert
 SharedExpertPolicy = Annotated[Union[Literal["none", "base"], FromExpert], _policy(("none", "base"))]
 
 
-DATA_MODES = ("hidden", "trained")
-
-
-class TrainSpec(_Strict):
-    """router.train: training only the router weights on the experts' data (everything else frozen)."""
-
-    objective: Literal["domain", "lm"] = Field(
-        "domain", description="domain: each layer's router learns to pick the expert whose data a token came from "
-        "(cross-entropy on that layer's router inputs, layer by layer; cheap). lm: next-token loss of the whole MoE "
-        "plus the output format's load-balancing loss (holds the whole MoE in memory: small models or a GPU).",
-    )
-    init: Literal["hidden", "zeros", "domain"] = Field(
-        "hidden", description="Start from the hidden-mode routers, from zeros, or (objective lm) from routers first "
-        "trained with objective domain from the hidden ones (a domain-classifier init).",
-    )
-    steps: Int = Field(300, ge=1, description="Optimizer steps (per layer for objective domain).")
-    lr: Float = Field(3e-3, gt=0, description="Adam learning rate (at most 1).")
-    batch_size: Int = Field(8, ge=1, description="Sequences of seq_len tokens per step (batch_size x seq_len at "
-                            f"most {MAX_TOKENS_PER_STEP}).")
-    held_out: Float = Field(0.1, ge=0, lt=1, description="Share of each expert's documents kept out of training "
-                            "and used to report routing accuracy per layer.")
-
-    @model_validator(mode="after")
-    def _domain_init_for_lm(self) -> "TrainSpec":
-        if self.lr > 1:
-            raise _FieldError("lr", f"{self.lr} is too large: Adam moves each router weight by about lr per step "
-                              "and router weights are of order 1, so anything above 1 diverges (default 3e-3)")
-        if self.init == "domain" and self.objective != "lm":
-            raise ValueError("init domain applies to objective lm (objective domain starts from hidden or zeros)")
-        return self
-
-
 class RouterSpec(_Strict):
     """How each layer's router (one row per expert) is made."""
 
-    mode: Literal["gateless", "noisy", "random", "hidden", "trained"] = Field(
-        "gateless",
-        description="gateless: zero router, every expert on every token with weight 1/E. "
-        "noisy: normal(0, std) router with top-k. random: standard normal router (mergekit's 'random'). "
-        "hidden: rows are the base's pooled router inputs on each expert's data (mergekit's hidden / hidden_avg, "
-        "taken at the real router input). trained: rows trained on the experts' data (router.train).",
-    )
+    mode: ModeName = Field("gateless", description=mode_help())
     experts_per_token: Optional[Int] = Field(
         None, ge=1, description="top-k for noisy/random (default 2); gateless always uses all experts."
     )
@@ -392,15 +347,6 @@ class Recipe(_Strict):
         if self.router.mode == "gateless":
             return len(self.experts)
         return self.router.experts_per_token or 2
-
-
-class _FieldError(ValueError):
-    """A cross-field check that knows which field it is about (pydantic would blame the whole object)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
 
 
 class LoadedRecipe(BaseModel):

@@ -33,7 +33,7 @@ from mergekit_mode.executor import execute
 from mergekit_mode.inputs import TensorReader
 from mergekit_mode.layerwise import Batch, LayerStream, PlanWeights, make_batches
 from mergekit_mode.plan import BASE, Gates, Plan
-from mergekit_mode.recipe import TrainSpec
+from mergekit_mode.router_modes import Fit
 from mergekit_mode.routers import STREAM_BATCH, RouterContext, shared_gates
 from mergekit_mode.writer import Entry, ShardedWriter
 
@@ -84,8 +84,9 @@ def train_domain(
     gen = torch.Generator().manual_seed(plan.recipe.recipe.router.seed)
     tokens_per_step = spec.batch_size * plan.recipe.recipe.router.seq_len
     routers, accuracy = [], []
+    fit = spec.fit("domain")
     shared = shared_gates(plan)
-    bar = _progress(spec.steps * len(init), "Training routers (domain)", ctx.quiet)
+    bar = _progress(fit.steps * len(init), "Training routers (domain)", ctx.quiet)
     with TensorReader() as reader, bar:
         stream = LayerStream(plan.inputs[BASE], PlanWeights(plan, reader, ctx.device), batches, ctx.device)
         hidden = stream.embed()
@@ -94,7 +95,7 @@ def train_domain(
             layer = stream.decoder_layer(index, moe)
             _, router_inputs = stream.run(layer, hidden)
             x = torch.cat([b.real(r) for r, b in zip(router_inputs, batches)])
-            weight = _fit(x[is_train], labels[is_train], init[index], spec, tokens_per_step, gen, ctx.device, bar)
+            weight = _fit(x[is_train], labels[is_train], init[index], fit, tokens_per_step, gen, ctx.device, bar)
             if held_seqs:
                 accuracy.append(routing_accuracy(x[~is_train] @ weight.T, labels[~is_train], top_k))
             with torch.no_grad():
@@ -115,13 +116,13 @@ def _token_values(batches: list[Batch], per_sequence: list[int]) -> torch.Tensor
     return torch.cat(values)
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, init: torch.Tensor, spec: TrainSpec, tokens_per_step: int,
+def _fit(x: torch.Tensor, y: torch.Tensor, init: torch.Tensor, fit: Fit, tokens_per_step: int,
          gen: torch.Generator, device: torch.device, bar: tqdm) -> torch.Tensor:
     """Adam on softmax cross-entropy of one router, minibatches of batch_size x seq_len tokens."""
     x, y = x.to(device), y.to(device)
     weight = init.clone().to(device).requires_grad_(True)
-    opt = torch.optim.Adam([weight], lr=spec.lr)
-    for _ in range(spec.steps):
+    opt = torch.optim.Adam([weight], lr=fit.lr)
+    for _ in range(fit.steps):
         pick = torch.randint(len(x), (tokens_per_step,), generator=gen).to(device)
         loss = F.cross_entropy(x[pick] @ weight.T, y[pick])
         opt.zero_grad()
@@ -149,11 +150,12 @@ def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx
               if plan.shared is not None else [])
     for gate in gates + shared:
         gate.requires_grad_(True)
-    opt = torch.optim.Adam(gates + shared, lr=spec.lr)
+    fit = spec.fit("lm")
+    opt = torch.optim.Adam(gates + shared, lr=fit.lr)
     train_seqs, _ = _labelled(texts, held_out=False)
     rng = random.Random(plan.recipe.recipe.router.seed)
-    with _progress(spec.steps, "Training routers (lm)", ctx.quiet) as bar:
-        for _ in range(spec.steps):
+    with _progress(fit.steps, "Training routers (lm)", ctx.quiet) as bar:
+        for _ in range(fit.steps):
             batch = make_batches(rng.choices(train_seqs, k=spec.batch_size), spec.batch_size)[0]
             loss = _lm_forward(model, batch, ctx.device, labels=True).loss
             opt.zero_grad()

@@ -9,7 +9,9 @@ be refused or ignored.
 
 What is shared and what is recomputed: every variant is planned (headers only) and its output
 folder checked before anything is built, so a recipe that cannot make some mode fails in a second;
-the held-out text is tokenized once (every variant carries the base's tokenizer). Each variant is
+the held-out text is tokenized once (every variant carries the base's tokenizer). A domain named
+after an expert is also scored on that expert, the target a MoE is measured against
+(docs/quality.md): the table then shows each variant's ratio to it. Each variant is
 a complete model, so its shared tensors are read and written again, and the data modes each
 tokenize the experts' text and run the base themselves (trained's hidden init is computed on its
 training split, which differs from hidden's rows, so it is not reused).
@@ -18,8 +20,8 @@ training split, which differs from hidden's rows, so it is not reused).
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
 
 import yaml
 
@@ -27,20 +29,10 @@ from mergekit_mode.build import check_apart, parse_device, write_model
 from mergekit_mode.errors import ModeError
 from mergekit_mode.evaluate import DomainResult, check_ctx, evaluate_streams, tokenize_domains
 from mergekit_mode.plan import BASE, Plan, build_plan
-from mergekit_mode.recipe import DATA_MODES, ExpertData, LoadedRecipe, RouterSpec, load_recipe, parse_recipe
+from mergekit_mode.recipe import ExpertData, LoadedRecipe, load_recipe, parse_recipe
+from mergekit_mode.router_modes import APPLIES, DATA_MODES, MODE_NAMES as MODES
 from mergekit_mode.safety import check_name_lengths
 from mergekit_mode.writer import check_destination
-
-MODES: tuple[str, ...] = get_args(RouterSpec.model_fields["mode"].annotation)
-# Router settings and the modes they apply to; `seed` applies to all.
-_APPLIES: dict[str, tuple[str, ...]] = {
-    "experts_per_token": tuple(m for m in MODES if m != "gateless"),
-    "std": ("noisy",),
-    "pooling": DATA_MODES,
-    "max_tokens": DATA_MODES,
-    "seq_len": DATA_MODES,
-    "train": ("trained",),
-}
 
 
 def parse_modes(value: str) -> list[str]:
@@ -63,7 +55,7 @@ def variant(loaded: LoadedRecipe, mode: str) -> LoadedRecipe:
     Built from the recipe's own YAML, so everything else is exactly what the user wrote; paths
     still resolve against the recipe's folder."""
     data = yaml.safe_load(loaded.text)
-    router = {k: v for k, v in (data.get("router") or {}).items() if k != "mode" and mode in _APPLIES.get(k, MODES)}
+    router = {k: v for k, v in (data.get("router") or {}).items() if k != "mode" and mode in APPLIES.get(k, MODES)}
     data["router"] = {"mode": mode, **router}
     data.pop("checks", None)  # the sweep's table is the comparison; one failing variant must not stop it
     if mode not in DATA_MODES:  # the built model's recipe should not claim text it was not made from
@@ -100,15 +92,34 @@ def plan_variants(recipe_path: Path, modes: list[str], out: Path, force: bool, d
     return plans
 
 
+@dataclass(frozen=True)
+class SweepResults:
+    """{mode: {domain: result}}, and each domain's own expert where one has the domain's name."""
+
+    variants: dict[str, dict[str, DomainResult]]
+    experts: dict[str, DomainResult]
+
+
+def expert_folders(plan: Plan, domains: list[str]) -> dict[str, Path]:
+    """The fine-tuned experts named like a domain: that domain's reference. (An adapter expert has
+    no folder of its own; `mergekit-mode check` merges it in memory to compare.)"""
+    loaded = plan.recipe
+    return {name: loaded.resolve(spec.model) for spec, name in zip(loaded.recipe.experts, loaded.recipe.expert_names)
+            if name in domains and spec.adapter is None and spec.model is not None}
+
+
 def sweep(plans: dict[str, Plan], out: Path, data: dict[str, Path], *, ctx: int, max_tokens: int, batch_size: int,
-          device: str, force: bool, quiet: bool, replace_foreign: bool = False) -> dict[str, dict[str, DomainResult]]:
-    """Build every planned variant into OUT/<mode> and evaluate each on `data`: {mode: {domain: result}}.
+          device: str, force: bool, quiet: bool, replace_foreign: bool = False, own_weight: bool = False
+          ) -> SweepResults:
+    """Build every planned variant into OUT/<mode> and evaluate each on `data`, and each domain's
+    own expert (the target) where a domain is named after one.
 
     The text is read first, with the base's tokenizer (which every variant carries), so a bad
     --data or --ctx fails before anything is built. An OUT this run made is removed again if the
     run fails before anything is in it."""
     check_ctx(ctx)
-    streams = tokenize_domains(next(iter(plans.values())).inputs[BASE].path, data, max_tokens)
+    first = next(iter(plans.values()))
+    streams = tokenize_domains(first.inputs[BASE].path, data, max_tokens)
     made = not out.exists()
     out.mkdir(exist_ok=True)
     results: dict[str, dict[str, DomainResult]] = {}
@@ -118,23 +129,48 @@ def sweep(plans: dict[str, Plan], out: Path, data: dict[str, Path], *, ctx: int,
                 print(f"building {out / mode} ...", file=sys.stderr, flush=True)
             write_model(plan, out / mode, force=force, replace_foreign=replace_foreign, device=device, quiet=quiet)
             results[mode] = evaluate_streams(out / mode, streams, ctx=ctx, batch_size=batch_size,
-                                             device=parse_device(device))
+                                             device=parse_device(device), own_weight=own_weight)
     except BaseException:
         if made and not any(out.iterdir()):
             out.rmdir()
         raise
-    return results
+    experts = {d: evaluate_streams(folder, {d: streams[d]}, ctx=ctx, batch_size=batch_size,
+                                   device=parse_device(device))[d]
+               for d, folder in expert_folders(first, list(streams)).items()}
+    return SweepResults(results, experts)
 
 
-def format_sweep(results: dict[str, dict[str, DomainResult]]) -> str:
-    """Perplexity, one row per domain and one column per variant; the best of each row marked *."""
-    modes = list(results)
-    domains = list(next(iter(results.values())))
+TARGET = 1.05  # what docs/quality.md calls within 5% of the expert
+
+
+def format_sweep(results: SweepResults) -> str:
+    """Perplexity, one row per domain and one column per variant (the best of each row marked *) and
+    the domain's own expert; then each variant's ratio to that expert (! above 1.05), and with
+    --own-weight the mean weight each domain's tokens give its expert."""
+    modes = list(results.variants)
+    domains = list(next(iter(results.variants.values())))
     width = max(len(d) for d in [*domains, "domain"])
     col = max(10, *(len(m) + 1 for m in modes))
-    lines = [f"{'domain':<{width}}" + "".join(f"{m:>{col}}" for m in modes)]
+    experts = results.experts
+    lines = [f"{'domain':<{width}}" + "".join(f"{m:>{col}}" for m in modes) + (f"{'expert':>{col}}" if experts else "")]
     for d in domains:
-        best = min(results[m][d].perplexity for m in modes)
-        cells = [f"{results[m][d].perplexity:.3f}" + ("*" if results[m][d].perplexity == best else " ") for m in modes]
+        ppl = {m: results.variants[m][d].perplexity for m in modes}
+        best = min(ppl.values())
+        cells = [f"{ppl[m]:.3f}" + ("*" if ppl[m] == best else " ") for m in modes]
+        if experts:
+            cells.append(f"{experts[d].perplexity:.3f} " if d in experts else "- ")
         lines.append(f"{d:<{width}}" + "".join(f"{c:>{col}}" for c in cells))
+    if experts:
+        lines += ["", f"ratio to the domain's own expert (! above {TARGET})"]
+        for d in [d for d in domains if d in experts]:
+            ratios = [results.variants[m][d].perplexity / experts[d].perplexity for m in modes]
+            lines.append(f"{d:<{width}}" + "".join(f"{f'{r:.3f}' + ('!' if r > TARGET else ' '):>{col}}"
+                                                   for r in ratios))
+    owned = [d for d in domains if any(results.variants[m][d].own_weight for m in modes)]
+    if owned:
+        lines += ["", "mean weight of the domain's own expert (over tokens and layers; 1.0 = the expert alone)"]
+        for d in owned:
+            cells = [f"{sum(w.mean) / len(w.mean):.3f} " if (w := results.variants[m][d].own_weight) else "- "
+                     for m in modes]
+            lines.append(f"{d:<{width}}" + "".join(f"{c:>{col}}" for c in cells))
     return "\n".join(lines)

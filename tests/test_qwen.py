@@ -355,13 +355,25 @@ def test_eval_report_and_sweep_on_qwen_outputs(qwen2, qwen3, texts, tmp_path, ru
     for domain in json.loads(result.out)["domains"].values():
         assert len(domain["routing"]) == LAYERS
         assert all(sum(row) == pytest.approx(2.0) for row in domain["routing"])
+    # Qwen2-MoE's routers are found by --own-weight too: a domain named after expert "a" gets, per
+    # layer, the weight of "a", which is at most its top-k share (the expert is in the top k only there).
+    result = run_cli("eval", out, "--data", f"a={texts['arithmetic']}", "--json", "--ctx", "64", "--own-weight")
+    assert result.code == 0, result.err
+    domain = json.loads(result.out)["domains"]["a"]
+    assert len(domain["own_weight"]["mean"]) == LAYERS
+    for mean, not_chosen, shares in zip(domain["own_weight"]["mean"], domain["own_weight"]["not_chosen"],
+                                        domain["routing"]):
+        assert 0.0 < mean <= shares[0] and not_chosen == pytest.approx(1 - shares[0], abs=1e-6)
     result = run_cli("report", out, *data, "--ctx", "64", "--plot", tmp_path / "routing.png")
     assert result.code == 0, result.err and (tmp_path / "routing.png").stat().st_size > 0
     recipe = write_recipe(tmp_path / "sweep.yml", qwen3.base, qwen3.experts, names=list(texts),
                           router={"mode": "noisy", "experts_per_token": 2})
     result = run_cli("sweep", recipe, tmp_path / "sweep", "--router", "gateless,noisy", *data, "-q")
     assert result.code == 0, result.err
-    assert result.out.splitlines()[0].split() == ["domain", "gateless", "noisy"]
+    # The domains are named after the experts, so the sweep scores each expert too (its own column)
+    # and adds each variant's ratio to it.
+    assert result.out.splitlines()[0].split() == ["domain", "gateless", "noisy", "expert"]
+    assert "ratio to the domain's own expert" in result.out
     for mode, k in (("gateless", 3), ("noisy", 2)):
         cfg = json.loads((tmp_path / "sweep" / mode / "config.json").read_text())
         assert cfg["model_type"] == "qwen3_moe" and cfg["num_experts_per_tok"] == k

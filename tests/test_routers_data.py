@@ -263,3 +263,13 @@ def test_domain_init_is_for_the_lm_objective(llama, tmp_path, run_cli):
     result = run_cli("validate", _recipe(tmp_path / "r.yml", llama.base, experts, router))
     assert result.code == 2
     assert "router.train: init domain applies to objective lm" in result.err
+
+
+def test_steps_and_lr_apply_to_their_objective_and_the_domain_init_keeps_its_defaults():
+    from mergekit_mode.router_modes import FIT_DEFAULTS, Fit, TrainSpec
+
+    assert TrainSpec().fit("domain") == FIT_DEFAULTS["domain"]
+    assert TrainSpec(objective="lm").fit("lm") == FIT_DEFAULTS["lm"] != FIT_DEFAULTS["domain"]
+    lm = TrainSpec(objective="lm", init="domain", steps=7, lr=0.5)
+    assert lm.fit("lm") == Fit(7, 0.5) and lm.fit("domain") == FIT_DEFAULTS["domain"]
+    assert TrainSpec(steps=9).fit("domain") == Fit(9, FIT_DEFAULTS["domain"].lr)

@@ -42,10 +42,10 @@ def test_every_variant_is_built_loads_and_gets_a_column(swept, texts, run_cli):
     recipe, out = swept
     result = run_cli("sweep", recipe, out, "--router", ",".join(MODES), *_data(texts), "-q")
     assert result.code == 0, result.err
-    header, *rows = result.out.strip().splitlines()
-    assert header.split() == ["domain", *MODES]
+    header, *rows = result.out.strip().split("\n\n")[0].splitlines()
+    assert header.split() == ["domain", *MODES, "expert"]  # every domain is named after an expert
     assert [row.split()[0] for row in rows] == list(texts)
-    assert all(len(row.split()) == 1 + len(MODES) for row in rows)
+    assert all(len(row.split()) == 2 + len(MODES) for row in rows)
     for mode in MODES:
         model = AutoModelForCausalLM.from_pretrained(out / mode)
         built = yaml.safe_load((out / mode / RECIPE_FILE).read_text())["router"]
@@ -85,3 +85,23 @@ def test_bad_data_fails_before_anything_is_built(swept, run_cli, tmp_path):
     assert result.code == 2
     assert "/nonexistent.txt does not exist" in result.err and len(result.err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_each_domain_is_compared_with_its_expert(swept, texts, llama, run_cli):
+    """The expert column is the expert's own perplexity (transformers' loss), the ratios divide by it,
+    and gateless gives every expert weight 1/E, so its own weight is exactly 1/3."""
+    from tests.test_eval import reference_perplexity
+
+    recipe, out = swept
+    result = run_cli("sweep", recipe, out, "--router", "gateless,noisy", *_data(texts), "--own-weight", "-q",
+                     "--force")
+    assert result.code == 0, result.err
+    table, ratios, own = result.out.strip().split("\n\n")
+    assert ratios.splitlines()[0].startswith("ratio to the domain's own expert")
+    for row, ratio_row, own_row, (name, file), expert in zip(table.splitlines()[1:], ratios.splitlines()[1:],
+                                                            own.splitlines()[1:], texts.items(), llama.experts):
+        cells = [float(c.rstrip("*!")) for c in row.split()[1:]]
+        assert cells[-1] == pytest.approx(reference_perplexity(expert, file, 128)[0], abs=1e-3)
+        ratio = [float(c.rstrip("!")) for c in ratio_row.split()[1:]]
+        assert ratio == pytest.approx([c / cells[-1] for c in cells[:2]], abs=2e-3)
+        assert own_row.split()[1] == "0.333"  # printed to 3 places

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .domains import DOMAINS, write_corpus
 from .models import make_model
@@ -16,6 +17,9 @@ from .train import finetune, pretrain
 
 # Held-out text uses seeds far from the training seeds, so it never repeats training samples.
 EVAL_SEED_OFFSET = 10_000
+
+# (domain, path, n_chars, seed) -> path: writes a domain's text, one document per line.
+CorpusWriter = Callable[[str, Path, int, int], Path]
 
 
 @dataclass(frozen=True)
@@ -47,17 +51,19 @@ def build_domain_suite(
     mlp_only: bool = True,
     seed: int = 0,
     num_threads: int | None = None,
+    write: CorpusWriter = write_corpus,
 ) -> DomainSuite:
     """Build ``out_dir/{tokenizer,base,experts/<domain>,data/...}`` and return their paths.
 
     ``mlp_only`` (default) fine-tunes only the MLPs, so the experts share the base's attention
     as a Mixture-of-Domain-Experts assumes; with full fine-tunes the attention drifts and no
-    router can recover the expert's own quality (see the project's CONTEXT notes).
+    router can recover the expert's own quality (see the project's CONTEXT notes). ``write`` makes
+    the text (default: toy.domains' grammars; toy.markov gives other domain sets).
     """
     out_dir = Path(out_dir)
-    train_texts = {d: write_corpus(d, out_dir / "data" / "train" / f"{d}.txt", n_train_chars, seed) for d in domains}
+    train_texts = {d: write(d, out_dir / "data" / "train" / f"{d}.txt", n_train_chars, seed) for d in domains}
     eval_texts = {
-        d: write_corpus(d, out_dir / "data" / "eval" / f"{d}.txt", n_eval_chars, seed + EVAL_SEED_OFFSET)
+        d: write(d, out_dir / "data" / "eval" / f"{d}.txt", n_eval_chars, seed + EVAL_SEED_OFFSET)
         for d in domains
     }
     texts = {d: p.read_text(encoding="utf-8") for d, p in train_texts.items()}

@@ -1,0 +1,88 @@
+"""The domain sets bench_quality measures routers on, built here (CPU, one torch thread) and cached.
+
+Router defaults are chosen on the DEVELOPMENT fixture only; the HELD-OUT fixtures come from
+another generator (toy.markov: word-level Markov chains over made-up lexicons, other vocabulary
+sizes, other model shapes, another number of domains) and check that the choice carries over:
+- grammars (development): toy.domains' four hand-made grammars; 4-layer Llama, hidden 128, vocab 512.
+- markov-sharp (held-out): five domains with their own words (and letters) and few transitions
+  in common, a 3-layer Llama of hidden 96 and vocab 384, experts fine-tuned hard: each expert is
+  several times the base's perplexity off its domain.
+- markov-gentle (held-out): three domains over one lexicon that differ only in how often a word
+  follows another, a 4-layer Llama, vocab 640: each expert is only a little worse than the base
+  off its domain.
+Every expert is an MLP-only fine-tune (the experts share the base's attention, regime (b)).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from mergekit_mode.toy import DOMAINS, build_domain_suite
+from mergekit_mode.toy.markov import MarkovSet, write_markov_corpus
+from mergekit_mode.toy.suite import DomainSuite
+
+DEVELOPMENT = "development"
+HELD_OUT = "held-out"
+
+
+@dataclass(frozen=True)
+class Fixture:
+    name: str
+    role: str  # DEVELOPMENT or HELD_OUT
+    about: str  # one line for the report
+    domains: tuple[str, ...]
+    suite: dict = field(default_factory=dict)  # build_domain_suite's model and training arguments
+    markov: Optional[MarkovSet] = None  # None: toy.domains' grammars
+
+    def build(self, root: Path, *, pretrain_steps: int = 150, finetune_steps: int = 150) -> DomainSuite:
+        """The suite in root/<name>, trained unless a finished build with the same settings is there."""
+        out = root / self.name
+        settings = {"pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps, **self.suite}
+        stamp = out / "fixture.json"
+        expected = json.dumps({"settings": settings, "markov": asdict(self.markov) if self.markov else None},
+                              sort_keys=True)
+        if stamp.is_file() and stamp.read_text() == expected:
+            return _suite_paths(out, self.domains)
+        kwargs = {"write": functools.partial(write_markov_corpus, self.markov)} if self.markov else {}
+        suite = build_domain_suite(out, domains=self.domains, mlp_only=True, num_threads=1, **settings, **kwargs)
+        stamp.write_text(expected)
+        return suite
+
+
+def _suite_paths(out: Path, domains: tuple[str, ...]) -> DomainSuite:
+    """The paths build_domain_suite wrote (its layout)."""
+    return DomainSuite(
+        tokenizer_dir=out / "tokenizer",
+        base_dir=out / "base",
+        experts={d: out / "experts" / d for d in domains},
+        train_texts={d: out / "data" / "train" / f"{d}.txt" for d in domains},
+        eval_texts={d: out / "data" / "eval" / f"{d}.txt" for d in domains},
+    )
+
+
+SHARP = MarkovSet(
+    name="markov-sharp", domains=("amber", "basalt", "cobalt", "dune", "ember"), alphabet="aeioukmnprstlvbdgh",
+    word_len=(2, 6), own_words=60, shared_words=30, common_rate=0.2, branching=4, zipf=1.2, line_words=(8, 20),
+    own_letters=7,
+)
+GENTLE = MarkovSet(
+    name="markov-gentle", domains=("north", "south", "east"),
+    alphabet=("ka", "to", "ri", "su", "me", "no", "ba", "le", "gi", "po", "zu", "da"),
+    word_len=(1, 3), own_words=0, shared_words=160, common_rate=0.3, branching=4, zipf=1.5, line_words=(10, 30),
+    rerank=True,
+)
+
+FIXTURES: dict[str, Fixture] = {f.name: f for f in (
+    Fixture("grammars", DEVELOPMENT, "toy.domains' four grammars (equations, code, DNA, prose); 4-layer Llama, "
+            "hidden 128, vocab 512", DOMAINS),
+    Fixture("markov-sharp", HELD_OUT, "toy.markov, five domains with their own words (7 of 18 letters each) and "
+            "few transitions in common; 3-layer Llama, hidden 96, vocab 384; experts fine-tuned at lr 1e-2", SHARP.domains,
+            dict(vocab_size=384, hidden_size=96, intermediate_size=192, num_layers=3, finetune_lr=1e-2), SHARP),
+    Fixture("markov-gentle", HELD_OUT, "toy.markov, three domains over one lexicon whose words follow each "
+            "other at different frequencies; 4-layer Llama, hidden 128, vocab 640", GENTLE.domains,
+            dict(vocab_size=640, n_train_chars=240_000, finetune_lr=1e-3), GENTLE),
+)}
