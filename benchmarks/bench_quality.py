@@ -90,9 +90,11 @@ class Regime:
     """One set of experts of the shared base, its models, and their perplexity per domain."""
 
     def __init__(self, label: str, root: Path, base: Path, experts: dict[str, Path],
-                 train: dict[str, Path], held_out: dict[str, Path]) -> None:
+                 train: dict[str, Path], held_out: dict[str, Path], entries: list[dict] | None = None) -> None:
         self.label, self.root, self.base, self.experts = label, root, base, experts
         self.train, self.held_out = train, held_out
+        # the recipe's experts (default: each expert folder as a model, its training text as data)
+        self.entries = entries or [{"name": d, "model": str(p), "data": str(train[d])} for d, p in experts.items()]
         self.rows: dict[str, dict[str, float]] = {}
         self.seconds: dict[str, float] = {}
 
@@ -105,11 +107,8 @@ class Regime:
             for d, p in self.experts.items()
         }
         for name, (router, stem) in variants.items():
-            recipe = {
-                "base_model": str(self.base),
-                "experts": [{"name": d, "model": str(self.experts[d]), "data": str(self.train[d])} for d in domains],
-                "router": router,
-            } | ({"stem": stem} if stem else {})
+            recipe = {"base_model": str(self.base), "experts": self.entries,
+                      "router": router} | ({"stem": stem} if stem else {})
             folder = self.root / "moe" / name.replace(" ", "_").replace(",", "").replace("+", "")
             folder.parent.mkdir(parents=True, exist_ok=True)
             recipe_file = folder.with_suffix(".yml")
@@ -217,6 +216,27 @@ def plot(regimes: list[tuple[Regime, bool]], path: Path, top: float = 2.0) -> No
     fig.savefig(path, dpi=110)
 
 
+# The real model's variants: fewer, with fewer steps (a step of lm training there is seconds, not ms).
+REAL_VARIANTS: dict[str, tuple[dict, dict | None]] = {
+    "gateless": ({"mode": "gateless"}, None),
+    "hidden top-2": ({"mode": "hidden", **TOP2}, None),
+    "trained top-2, domain": ({"mode": "trained", **TOP2, "train": {"objective": "domain", "steps": 100}}, None),
+    "trained top-2, lm, init domain": (
+        {**LM_FROM_DOMAIN, "train": {**LM_FROM_DOMAIN["train"], "steps": 40}}, None),
+}
+
+
+def real_regime(work: Path) -> Regime:
+    """SmolLM2-135M with two MLP-only and two LoRA experts (benchmarks/real_model.py); each expert's
+    own perplexity is its merged full model's."""
+    import real_model
+
+    suite = real_model.suite(work)
+    entries = [{**e, "max_tokens": 4000} for e in suite.expert_entries()]
+    return Regime("Regime (real): SmolLM2-135M, 2 MLP-only + 2 LoRA experts", work / "quality", suite.base,
+                  {d: suite.full_model(d) for d in suite.experts}, suite.train_texts, suite.eval_texts, entries)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=None, help="where models are made (default: a temp dir)")
@@ -225,6 +245,8 @@ def main() -> None:
     ap.add_argument("--md", type=Path, default=Path("docs/quality.md"),
                     help="the report; its numbers go beside it (.json)")
     ap.add_argument("--png", type=Path, default=Path("docs/quality.png"))
+    ap.add_argument("--real", type=Path, default=None, metavar="DIR",
+                    help="also measure the real-model regime (real_model.py's models, made or reused in DIR)")
     args = ap.parse_args()
     # One thread: on a shared 2-core machine two threads spin on each other (see toy.train.torch_threads).
     torch.set_num_threads(1)
@@ -246,9 +268,12 @@ def main() -> None:
         (Regime("Regime (a): full fine-tunes", work / "full", suite.base_dir, full,
                 suite.train_texts, suite.eval_texts), False),
     ]
+    if args.real:
+        regimes.append((real_regime(args.real), False))
     for regime, mlp_only in regimes:
         start = time.perf_counter()
-        regime.measure(VARIANTS if mlp_only else {**VARIANTS, **STEM_VARIANTS})
+        regime.measure(REAL_VARIANTS if regime.label.startswith("Regime (real)") else
+                       VARIANTS if mlp_only else {**VARIANTS, **STEM_VARIANTS})
         builds = ", ".join(f"{n} {s:.1f} s" for n, s in regime.seconds.items())
         timings.append(f"- {regime.label}: builds and evals {time.perf_counter() - start:.0f} s (builds: {builds})")
     setup = (

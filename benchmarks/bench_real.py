@@ -58,7 +58,10 @@ def stage_recipes(suite, args) -> dict[str, dict]:
 
 # -- the child: one stage, in the implementation PYTHONPATH names
 
-def run_stage(stage: str, recipe_file: Path, out: Path, device: str, data: list[str]) -> None:
+def run_stage(stage: str, recipe_file: Path, out: Path, device: str, dtype: str, data: list[str]) -> None:
+    import dataclasses
+    import inspect
+
     import torch
 
     stamps: list[float] = []
@@ -70,6 +73,10 @@ def run_stage(stage: str, recipe_file: Path, out: Path, device: str, data: list[
         return result
 
     torch.optim.Adam.step = timed_step
+    if dtype == "auto":  # only this checkout offers it
+        from mergekit_mode.build import compute_dtype
+
+        dtype = str(compute_dtype("auto", torch.device(device))).removeprefix("torch.")
     start = time.perf_counter()
     report: dict = {}
     if stage == "build":
@@ -81,11 +88,11 @@ def run_stage(stage: str, recipe_file: Path, out: Path, device: str, data: list[
             if e.code:
                 raise
     elif stage == "eval":
-        import inspect
-
         from mergekit_mode.evaluate import evaluate, parse_data
 
-        kwargs = {"quiet": True} if "quiet" in inspect.signature(evaluate).parameters else {}
+        # what the implementation offers (a baseline may predate quiet and the compute dtype)
+        kwargs = {"quiet": True, "dtype": getattr(torch, dtype)}
+        kwargs = {k: v for k, v in kwargs.items() if k in inspect.signature(evaluate).parameters}
         results = evaluate(out, parse_data(tuple(data)), ctx=128, batch_size=8, device=torch.device(device), **kwargs)
         report["perplexity"] = {d: r.perplexity for d, r in results.items()}
     else:
@@ -93,7 +100,8 @@ def run_stage(stage: str, recipe_file: Path, out: Path, device: str, data: list[
         from mergekit_mode.routers import RouterContext, make_routers
 
         plan = plan_recipe(recipe_file)
-        routers = make_routers(plan, RouterContext(torch.device(device), quiet=True))
+        kwargs = {"dtype": getattr(torch, dtype)} if "dtype" in {f.name for f in dataclasses.fields(RouterContext)} else {}
+        routers = make_routers(plan, RouterContext(torch.device(device), quiet=True, **kwargs))
         torch.save([r.float() for r in routers], out)
     report["seconds"] = time.perf_counter() - start
     if len(stamps) > 1:
@@ -150,8 +158,9 @@ class Runner:
                 subprocess.run([sys.executable, "-m", "mergekit_mode", str(eval_recipe), str(out), "-q", "--force"],
                                check=True, env=self.env("new"))
             data = [f"{d}={p}" for d, p in suite.eval_texts.items()]
+        dtype = args.compute_dtype if impl == "new" else "float32"
         cmd = [sys.executable, __file__, "--run-stage", stage, "--recipe", str(recipe_file), "--out", str(out),
-               "--device", args.device, *(f"--data={d}" for d in data)]
+               "--device", args.device, "--dtype", dtype, *(f"--data={d}" for d in data)]
         wall, rss, report = timed(cmd, self.env(impl))
         print(f"  {impl:>8} {stage}{tag}: {wall:.1f} s wall, {report['seconds']:.1f} s in the stage, "
               f"{rss:.2f} GB peak RSS" + (f", {report['per_step']:.2f} s/step" if "per_step" in report else ""),
@@ -184,13 +193,16 @@ def main() -> None:
     ap.add_argument("--lm-steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compute-dtype", default="auto", choices=["float32", "bfloat16", "auto"],
+                    help="of this checkout's runs (the baseline computes in float32)")
+    ap.add_argument("--dtype", help=argparse.SUPPRESS)
     ap.add_argument("--run-stage", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--recipe", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run_stage:
-        return run_stage(args.run_stage, args.recipe, args.out, args.device, args.data)
+        return run_stage(args.run_stage, args.recipe, args.out, args.device, args.dtype, args.data)
 
     sys.path.insert(0, str(Path(__file__).parent))
     import real_model

@@ -51,6 +51,25 @@ class RealSuite:
     train_texts: dict[str, Path]  # router data
     eval_texts: dict[str, Path]  # held-out text of each domain
 
+    def full_model(self, name: str) -> Path:
+        """The expert as a full model folder (a LoRA expert merged into the base by peft), for
+        evaluating the expert itself."""
+        if not EXPERTS[name]:
+            return self.experts[name]
+        out = self.experts[name].parent.parent / "merged" / name
+        if not (out / "done").exists():
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            base = AutoModelForCausalLM.from_pretrained(self.base, dtype=torch.float32)
+            merged = PeftModel.from_pretrained(base, self.experts[name]).merge_and_unload()
+            merged.to(torch.bfloat16).save_pretrained(out)
+            for file in self.base.iterdir():
+                if file.name.startswith("tokenizer") or file.name.endswith(".jinja"):
+                    shutil.copyfile(file, out / file.name)
+            (out / "done").touch()
+        return out
+
     def expert_entries(self) -> list[dict]:
         """The recipe's `experts:` list (each with its training text as router data)."""
         return [{"name": name, ("adapter" if EXPERTS[name] else "model"): str(path), "data": str(self.train_texts[name])}
@@ -129,11 +148,12 @@ def write_texts(folder: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     for name in EXPERTS:
         if name in ("arithmetic", "dna"):
             train[name] = write_corpus(name, folder / "train" / f"{name}.txt", 60_000, seed=0)
-            held[name] = write_corpus(name, folder / "eval" / f"{name}.txt", 20_000, seed=10_000)
+            held[name] = write_corpus(name, folder / "eval" / f"{name}.txt", 8_000, seed=10_000)
             continue
         docs = _code_documents() if name == "code" else _legal_documents()
-        # every 5th document is held out; documents are whole files' pieces or paragraphs
-        parts = {"train": [d for i, d in enumerate(docs) if i % 5], "eval": [d for i, d in enumerate(docs) if not i % 5]}
+        # every 5th document is held out (about 3000 tokens of them); documents are pieces of
+        # files or paragraphs
+        parts = {"train": [d for i, d in enumerate(docs) if i % 5], "eval": _first_chars(docs[::5], 12_000)}
         for part, chosen in parts.items():
             path = folder / part / (f"{name}.jsonl" if name == "code" else f"{name}.txt")
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +161,17 @@ def write_texts(folder: Path) -> tuple[dict[str, Path], dict[str, Path]]:
             path.write_text("\n".join(lines) + "\n")
         train[name], held[name] = folder / "train" / path.name, folder / "eval" / path.name
     return train, held
+
+
+def _first_chars(docs: list[str], n: int) -> list[str]:
+    """The first documents, up to about n characters in all."""
+    out, size = [], 0
+    for doc in docs:
+        if size >= n:
+            break
+        out.append(doc)
+        size += len(doc)
+    return out
 
 
 def _code_documents(n_files: int = 60, lines_per_doc: int = 40) -> list[str]:

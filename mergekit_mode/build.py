@@ -38,6 +38,26 @@ def parse_device(device: str) -> torch.device:
     return dev
 
 
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype layer-streamed runs compute in. `auto` is bfloat16 only where it is fast: a CUDA
+    device that supports it, or a CPU with bfloat16 matrix units (AMX or AVX512-BF16); elsewhere
+    bfloat16 matmuls are emulated, slower than float32, so it is float32."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16_units() else torch.float32
+
+
+def _cpu_has_bf16_units(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def plan_recipe(recipe_path: Path) -> Plan:
     """Load, validate and plan a recipe; input errors are prefixed with the recipe's path."""
     loaded = load_recipe(recipe_path)
@@ -47,12 +67,14 @@ def plan_recipe(recipe_path: Path) -> Plan:
         raise ModeError(f"{recipe_path}: {e}") from None
 
 
-def write_model(plan: Plan, out: Path, *, force: bool = False, device: str = "cpu", quiet: bool = False) -> None:
-    """Build the plan's model into `out`. Either `out` ends complete, or it is left as it was."""
+def write_model(plan: Plan, out: Path, *, force: bool = False, device: str = "cpu", quiet: bool = False,
+                dtype: str = "float32") -> None:
+    """Build the plan's model into `out`. Either `out` ends complete, or it is left as it was.
+    `dtype` is the compute dtype of routers made from data (COMPUTE_DTYPES)."""
     dev = parse_device(device)
     _refuse_inputs_inside(plan, out)
     check_destination(out, force, plan.total_bytes)  # before routers that may train for minutes
-    routers = make_routers(plan, RouterContext(dev, quiet))
+    routers = make_routers(plan, RouterContext(dev, quiet, compute_dtype(dtype, dev)))
     entries = [Entry(t.name, t.shape, t.dtype) for t in plan.tensors]
     try:
         with staged_output(out, force, plan.total_bytes) as stage:

@@ -33,6 +33,11 @@ output loads in transformers, llama.cpp and vLLM with no custom code. `mergekit-
 """
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "auto")  # build.COMPUTE_DTYPES, without importing torch for --help
+COMPUTE_DTYPE_HELP = ("Dtype of the layer-by-layer runs (hidden states, router training, eval). auto: bfloat16 "
+                      "where it is fast (a CPU with AMX or AVX512-BF16, or a CUDA GPU), else float32.")
+
+
 class _DefaultToBuild(click.Group):
     """`mergekit-mode recipe.yml out/` means `mergekit-mode build recipe.yml out/`."""
 
@@ -59,8 +64,10 @@ def _warn(plan) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan (every output tensor, shape, dtype, source) and stop.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--device", default="cpu", show_default=True, help="Where tensors are computed: cpu, cuda, cuda:N.")
+@click.option("--compute-dtype", "compute_dtype", type=click.Choice(COMPUTE_DTYPES), default="float32",
+              show_default=True, help=COMPUTE_DTYPE_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def build(recipe: Path, out: Path, dry_run: bool, force: bool, device: str, quiet: bool) -> None:
+def build(recipe: Path, out: Path, dry_run: bool, force: bool, device: str, compute_dtype: str, quiet: bool) -> None:
     """Build the model described by RECIPE into the folder OUT.
 
     OUT is built in a hidden folder beside it and renamed into place when complete: an interrupted
@@ -73,7 +80,7 @@ def build(recipe: Path, out: Path, dry_run: bool, force: bool, device: str, quie
     if dry_run:
         click.echo(plan.describe())
         return
-    write_model(plan, out, force=force, device=device, quiet=quiet)
+    write_model(plan, out, force=force, device=device, quiet=quiet, dtype=compute_dtype)
     if not quiet:
         click.echo(f"wrote {out} ({len(plan.tensors)} tensors)", err=True)
 
@@ -123,6 +130,8 @@ def _data_options(command):
         click.option("--max-tokens", default=50_000, show_default=True, help="Tokens read from the start of each file."),
         click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N."),
+        click.option("--compute-dtype", "compute_dtype", type=click.Choice(COMPUTE_DTYPES), default="float32",
+                     show_default=True, help=COMPUTE_DTYPE_HELP),
     ]
     for option in reversed(options):
         command = option(command)
@@ -130,15 +139,18 @@ def _data_options(command):
 
 
 def _eval_options(command):
+    command = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")(command)
     return click.argument("model", type=click.Path(path_type=Path))(_data_options(command))
 
 
-def _run_eval(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str):
-    from mergekit_mode.build import parse_device
+def _run_eval(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str,
+              compute_dtype: str, quiet: bool):
+    from mergekit_mode.build import compute_dtype as resolve, parse_device
     from mergekit_mode.evaluate import evaluate, parse_data
 
+    dev = parse_device(device)
     return evaluate(model, parse_data(data), ctx=ctx, batch_size=batch_size, max_tokens=max_tokens,
-                    device=parse_device(device))
+                    device=dev, dtype=resolve(compute_dtype, dev), quiet=quiet)
 
 
 def _names(model: Path, results) -> list[str]:
@@ -153,7 +165,7 @@ def _names(model: Path, results) -> list[str]:
 @_eval_options
 @click.option("--json", "as_json", is_flag=True, help='Print {"domains": {NAME: {perplexity, tokens, routing}}}.')
 def eval_command(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str,
-                 as_json: bool) -> None:
+                 compute_dtype: str, quiet: bool, as_json: bool) -> None:
     """Perplexity per domain of MODEL (any causal LM folder) and, for MoE models, the share of
     tokens each expert receives per layer.
 
@@ -163,7 +175,7 @@ def eval_command(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, 
     """
     from mergekit_mode.evaluate import format_table, to_json
 
-    results = _run_eval(model, data, ctx, max_tokens, batch_size, device)
+    results = _run_eval(model, data, ctx, max_tokens, batch_size, device, compute_dtype, quiet)
     click.echo(json.dumps(to_json(results)) if as_json else format_table(results, _names(model, results)))
 
 
@@ -171,7 +183,7 @@ def eval_command(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, 
 @_eval_options
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a routing heatmap per domain (PNG/PDF/SVG).")
 def report(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str,
-           plot: Path | None) -> None:
+           compute_dtype: str, quiet: bool, plot: Path | None) -> None:
     """The eval table of MODEL and, with --plot, a heatmap per domain of the expert shares per
     layer (needs matplotlib: pip install 'mergekit-mode[report]')."""
     from mergekit_mode.evaluate import format_table
@@ -179,7 +191,7 @@ def report(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_
 
     if plot is not None:
         pyplot()
-    results = _run_eval(model, data, ctx, max_tokens, batch_size, device)
+    results = _run_eval(model, data, ctx, max_tokens, batch_size, device, compute_dtype, quiet)
     names = _names(model, results)
     click.echo(format_table(results, names))
     if plot is not None:
@@ -245,7 +257,7 @@ def export_gguf(model: Path, outtype: str, outfile: Path | None, force: bool) ->
 @click.option("--force", is_flag=True, help="Replace OUT/<mode> folders that exist and are not empty.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def sweep(recipe: Path, out: Path, routers: str, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int,
-          device: str, force: bool, quiet: bool) -> None:
+          device: str, compute_dtype: str, force: bool, quiet: bool) -> None:
     """Build RECIPE once per router mode into OUT/<mode>/ and print their perplexity side by side.
 
     The recipe's router block is replaced by each mode, keeping its settings where they apply (top-k,
@@ -261,7 +273,7 @@ def sweep(recipe: Path, out: Path, routers: str, data: tuple[str, ...], ctx: int
         for warning in plan.warnings:
             click.echo(f"warning: {mode}: {warning}", err=True)
     results = run_sweep(plans, out, domains, ctx=ctx, max_tokens=max_tokens, batch_size=batch_size, device=device,
-                        force=force, quiet=quiet)
+                        dtype=compute_dtype, force=force, quiet=quiet)
     click.echo(format_sweep(results))
 
 

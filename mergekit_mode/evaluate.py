@@ -10,22 +10,36 @@ For Mixture-of-Experts models (config has `num_local_experts`) routing is, per l
 the share of the input tokens that have the expert among their top-k choices (from the router
 logits): 1.0 means the expert runs on every token. Each layer sums to k; k/E per expert is what
 a balanced router gives.
+
+Models of the families layerwise.py knows (Llama, Mistral and the Mixtral MoE) are run one
+decoder layer at a time (streamed.py) over groups of windows: memory is one layer plus the
+activations of a group, and the LM head scores a few hundred tokens at a time instead of holding
+[tokens, vocab] logits. Other causal LMs are loaded whole by transformers.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 import yaml
+from tqdm import tqdm
 
 from mergekit_mode.build import RECIPE_FILE
 from mergekit_mode.calibration import iter_documents, load_tokenizer, tokenize_documents
 from mergekit_mode.errors import ModeError
-from mergekit_mode.layerwise import Batch, make_batches
+from mergekit_mode.formats import mixtral
+from mergekit_mode.inputs import ModelFolder, TensorReader, read_json
+from mergekit_mode.layerwise import Batch, FolderWeights, LayerStream, make_batches
+from mergekit_mode.streamed import MoeShape, StreamedLM, topk_counts
+
+# model_type values run layer by layer; anything else goes through transformers whole.
+STREAMED_TYPES = ("llama", "mistral", "mixtral")
+# Tokens whose activations one layer-major pass holds (hidden_size x 4 bytes each).
+GROUP_TOKENS = 16_384
 
 
 @dataclass(frozen=True)
@@ -56,8 +70,6 @@ def windows(ids: list[int], ctx: int) -> list[list[int]]:
 def load_model(path: Path, device: torch.device):
     from transformers import AutoModelForCausalLM
 
-    if not (path / "config.json").is_file():
-        raise ModeError(f"MODEL: {path} is not a model folder (no config.json)")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
@@ -76,8 +88,17 @@ def expert_names(path: Path, num_experts: int) -> list[str]:
     return names if len(names) == num_experts else [str(e) for e in range(num_experts)]
 
 
+def _result(loss_sum: float, scored: int, counts: Optional[torch.Tensor], routed_tokens: int) -> DomainResult:
+    if scored == 0:
+        raise ModeError("--data: fewer than 2 tokens of text")
+    routing = (counts / routed_tokens).tolist() if counts is not None else None
+    return DomainResult(float(torch.tensor(loss_sum / scored).exp()), scored, routing)
+
+
 @torch.no_grad()
-def evaluate_domain(model, ids: list[int], ctx: int, batch_size: int, device: torch.device) -> DomainResult:
+def evaluate_domain(model, ids: list[int], ctx: int, batch_size: int, device: torch.device,
+                    progress: Callable[[int], None] = lambda _: None) -> DomainResult:
+    """A domain through a whole transformers model (families that are not streamed)."""
     cfg = model.config
     num_experts = getattr(cfg, "num_local_experts", None)
     counts = torch.zeros(cfg.num_hidden_layers, num_experts) if num_experts else None
@@ -85,27 +106,55 @@ def evaluate_domain(model, ids: list[int], ctx: int, batch_size: int, device: to
     for batch in make_batches(windows(ids, ctx), batch_size):
         kwargs = {"output_router_logits": True} if counts is not None else {}
         out = model(input_ids=batch.ids.to(device), **kwargs)
-        targets = batch.ids.masked_fill(~_real_mask(batch), -100)[:, 1:].to(device)
+        targets = batch.targets()[:, :-1].to(device)
         loss_sum += F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), targets.flatten(),
                                     ignore_index=-100, reduction="sum").item()
         scored += int((targets != -100).sum())
         if counts is not None:
-            routed_tokens += int(batch.lengths.sum())
-            _count_choices(counts, out.router_logits, batch, int(cfg.num_experts_per_tok))
-    if scored == 0:
-        raise ModeError("--data: fewer than 2 tokens of text")
-    routing = (counts / routed_tokens).tolist() if counts is not None else None
-    return DomainResult(float(torch.tensor(loss_sum / scored).exp()), scored, routing)
+            routed_tokens += batch.tokens
+            for layer, logits in enumerate(out.router_logits):
+                real = batch.real(logits.float().cpu().reshape(*batch.ids.shape, -1))
+                counts[layer] += topk_counts(real, int(cfg.num_experts_per_tok))
+        progress(batch.tokens)
+    return _result(loss_sum, scored, counts, routed_tokens)
 
 
-def _real_mask(batch: Batch) -> torch.Tensor:
-    return torch.arange(batch.ids.shape[1])[None, :] < batch.lengths[:, None]
+def _evaluate_streamed(folder: ModelFolder, streams: dict[str, list[int]], ctx: int, batch_size: int,
+                       device: torch.device, dtype: torch.dtype, bar: tqdm) -> dict[str, DomainResult]:
+    cfg = folder.config
+    with TensorReader() as reader:
+        weights = FolderWeights(folder, reader)
+        stream = LayerStream(folder, weights, [], device, dtype)
+        moe = routers = None
+        if "num_local_experts" in cfg:
+            moe = MoeShape(int(cfg["num_local_experts"]), int(cfg["num_experts_per_tok"]))
+            routers = [weights(mixtral.router_tensor(i)).to(device, torch.float32) for i in range(stream.num_layers)]
+        lm = StreamedLM(stream, moe, routers)
+        results = {}
+        for name, ids in streams.items():
+            bar.set_description(f"eval {name}")
+            counts = torch.zeros(stream.num_layers, moe.num_experts) if moe else None
+            loss_sum, scored, routed = 0.0, 0, 0
+            for group in _groups(make_batches(windows(ids, ctx), batch_size)):
+                tokens = sum(b.tokens for b in group)
+
+                def count(layer: int, _batch: int, logits: torch.Tensor) -> None:
+                    counts[layer] += topk_counts(logits, moe.top_k).cpu()
+
+                part, n = lm.forward(group, progress=lambda share: bar.update(share * tokens), router_logits=count)
+                loss_sum, scored, routed = loss_sum + part, scored + n, routed + tokens
+            results[name] = _result(loss_sum, scored, counts, routed)
+    return results
 
 
-def _count_choices(counts: torch.Tensor, router_logits, batch: Batch, k: int) -> None:
-    for layer, logits in enumerate(router_logits):
-        real = batch.real(logits.float().cpu().reshape(*batch.ids.shape, -1))
-        counts[layer] += torch.bincount(real.topk(k, dim=-1).indices.flatten(), minlength=counts.shape[1])
+def _groups(batches: list[Batch]) -> list[list[Batch]]:
+    """Consecutive batches of at most GROUP_TOKENS tokens in all (at least one batch each)."""
+    groups: list[list[Batch]] = [[]]
+    for b in batches:
+        if groups[-1] and sum(x.ids.numel() for x in groups[-1]) + b.ids.numel() > GROUP_TOKENS:
+            groups.append([])
+        groups[-1].append(b)
+    return [g for g in groups if g]
 
 
 def tokenize_domains(model_dir: Path, data: dict[str, Path], max_tokens: int = 50_000) -> dict[str, list[int]]:
@@ -125,18 +174,34 @@ def check_ctx(ctx: int) -> None:
 
 
 def evaluate_streams(model_dir: Path, streams: dict[str, list[int]], *, ctx: int = 128, batch_size: int = 8,
-                     device: torch.device = torch.device("cpu")) -> dict[str, DomainResult]:
-    """Every domain's result on already tokenized text, in the order given."""
+                     device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                     quiet: bool = False) -> dict[str, DomainResult]:
+    """Every domain's result on already tokenized text, in the order given, with a progress bar
+    (tokens/s) on stderr unless `quiet`. `dtype`: of the layer-streamed run (a model loaded whole
+    by transformers runs in float32)."""
     check_ctx(ctx)
-    model = load_model(model_dir, device)
-    return {name: evaluate_domain(model, ids, ctx, batch_size, device) for name, ids in streams.items()}
+    if not (model_dir / "config.json").is_file():
+        raise ModeError(f"MODEL: {model_dir} is not a model folder (no config.json)")
+    total = sum(len(ids) for ids in streams.values())
+    with tqdm(total=total, unit="tok", unit_scale=True, desc="eval", disable=quiet, leave=False) as bar:
+        if read_json(model_dir / "config.json", "MODEL").get("model_type") in STREAMED_TYPES:
+            return _evaluate_streamed(ModelFolder.open(model_dir, "MODEL"), streams, ctx, batch_size, device, dtype,
+                                      bar)
+        model = load_model(model_dir, device)
+        results = {}
+        for name, ids in streams.items():
+            bar.set_description(f"eval {name}")
+            results[name] = evaluate_domain(model, ids, ctx, batch_size, device, progress=bar.update)
+        return results
 
 
 def evaluate(model_dir: Path, data: dict[str, Path], *, ctx: int = 128, batch_size: int = 8,
-             max_tokens: int = 50_000, device: torch.device = torch.device("cpu")) -> dict[str, DomainResult]:
+             max_tokens: int = 50_000, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+             quiet: bool = False) -> dict[str, DomainResult]:
     """Every domain's result, in the order given."""
     streams = tokenize_domains(model_dir, data, max_tokens)
-    return evaluate_streams(model_dir, streams, ctx=ctx, batch_size=batch_size, device=device)
+    return evaluate_streams(model_dir, streams, ctx=ctx, batch_size=batch_size, device=device, dtype=dtype,
+                            quiet=quiet)
 
 
 def to_json(results: dict[str, DomainResult]) -> dict:

@@ -16,19 +16,21 @@ from tqdm import tqdm
 
 from mergekit_mode.calibration import ExpertTexts, Sequence, load_calibration, load_tokenizer
 from mergekit_mode.inputs import TensorReader
-from mergekit_mode.layerwise import FolderWeights, LayerStream, make_batches
+from mergekit_mode.layerwise import Batch, FolderWeights, LayerStream, pack
 from mergekit_mode.plan import BASE, Plan
 
-# Sequences per forward batch of the layer-streamed base.
+# Rows of seq_len tokens per forward batch of the layer-streamed base.
 STREAM_BATCH = 16
 
 
 @dataclass(frozen=True)
 class RouterContext:
-    """How routers are computed: where (--device) and whether progress is shown."""
+    """How routers are computed: where (--device), in which dtype (--compute-dtype), and whether
+    progress is shown."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     quiet: bool = False
+    dtype: torch.dtype = torch.float32
 
 
 RouterFn = Callable[[Plan, RouterContext], list[torch.Tensor]]
@@ -69,12 +71,9 @@ def calibration(plan: Plan, held_out: float = 0.0) -> list[ExpertTexts]:
     return load_calibration(plan.recipe, load_tokenizer(base.path, "base_model"), held_out)
 
 
-def _pool(router_inputs: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
-    """[b, L, H] -> [b, H]: each sequence's last real token, or the mean over its real tokens."""
-    if pooling == "last":
-        return router_inputs[torch.arange(len(lengths)), lengths - 1]
-    mask = (torch.arange(router_inputs.shape[1])[None, :] < lengths[:, None]).unsqueeze(-1)
-    return (router_inputs * mask).sum(1) / lengths[:, None]
+def _pool(router_inputs: torch.Tensor, batch: Batch, pooling: str) -> torch.Tensor:
+    """[rows, width, H] -> [sequences, H]: each sequence's last token, or its mean over its tokens."""
+    return batch.last(router_inputs) if pooling == "last" else batch.mean(router_inputs)
 
 
 def hidden_rows(plan: Plan, texts: list[ExpertTexts], pooling: str, ctx: RouterContext) -> list[torch.Tensor]:
@@ -88,13 +87,16 @@ def hidden_rows(plan: Plan, texts: list[ExpertTexts], pooling: str, ctx: RouterC
         owners += [(e, 1)] * len(t.train) + [(e, -1)] * len(t.negative)
     num_experts = len(texts)
     rows = []
+    seq_len = plan.recipe.recipe.router.seq_len
     with TensorReader() as reader:
         weights = FolderWeights(plan.inputs[BASE], reader)
-        stream = LayerStream(plan.inputs[BASE], weights, make_batches(sequences, STREAM_BATCH), ctx.device)
+        stream = LayerStream(plan.inputs[BASE], weights, pack(sequences, seq_len, STREAM_BATCH), ctx.device, ctx.dtype)
         hidden = stream.embed()
         for index in _layers(stream.num_layers, "hidden states", ctx):
             hidden, router_inputs = stream.run(stream.decoder_layer(index), hidden)
-            pooled = torch.cat([_pool(r, b.lengths, pooling) for r, b in zip(router_inputs, stream.batches)])
+            pooled = torch.empty(len(sequences), stream.hidden_size)
+            for r, b in zip(router_inputs, stream.batches):
+                pooled[b.seq] = _pool(r, b, pooling)
             rows.append(_signed_means(pooled, owners, num_experts))
     return rows
 

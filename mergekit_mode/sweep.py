@@ -23,7 +23,7 @@ from typing import get_args
 
 import yaml
 
-from mergekit_mode.build import parse_device, write_model
+from mergekit_mode.build import compute_dtype, parse_device, write_model
 from mergekit_mode.errors import ModeError
 from mergekit_mode.evaluate import DomainResult, check_ctx, evaluate_streams, tokenize_domains
 from mergekit_mode.plan import BASE, Plan, build_plan
@@ -87,7 +87,7 @@ def plan_variants(recipe_path: Path, modes: list[str], out: Path, force: bool) -
 
 
 def sweep(plans: dict[str, Plan], out: Path, data: dict[str, Path], *, ctx: int, max_tokens: int, batch_size: int,
-          device: str, force: bool, quiet: bool) -> dict[str, dict[str, DomainResult]]:
+          device: str, force: bool, quiet: bool, dtype: str = "float32") -> dict[str, dict[str, DomainResult]]:
     """Build every planned variant into OUT/<mode> and evaluate each on `data`: {mode: {domain: result}}.
 
     The text is read first, with the base's tokenizer (which every variant carries), so a bad
@@ -99,9 +99,10 @@ def sweep(plans: dict[str, Plan], out: Path, data: dict[str, Path], *, ctx: int,
     for mode, plan in plans.items():
         if not quiet:
             print(f"building {out / mode} ...", file=sys.stderr, flush=True)
-        write_model(plan, out / mode, force=force, device=device, quiet=quiet)
-        results[mode] = evaluate_streams(out / mode, streams, ctx=ctx, batch_size=batch_size,
-                                         device=parse_device(device))
+        write_model(plan, out / mode, force=force, device=device, quiet=quiet, dtype=dtype)
+        dev = parse_device(device)
+        results[mode] = evaluate_streams(out / mode, streams, ctx=ctx, batch_size=batch_size, device=dev,
+                                         dtype=compute_dtype(dtype, dev), quiet=quiet)
     return results
 
 
