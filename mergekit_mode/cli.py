@@ -236,6 +236,9 @@ def export_gguf(model: Path, outtype: str, outfile: Path | None, force: bool) ->
     outfile = outfile or model.with_name(f"{model.name}-{outtype}.gguf")
     if outfile.exists() and not force:
         raise ModeError(f"--outfile: {outfile} exists (use --force to replace it)")
+    note = gguf.outtype_note(outtype, gguf.cpu_flags())
+    if note:
+        click.echo(f"note: {note}", err=True)
     try:
         gguf.export_gguf(model, outfile, outtype)
     except gguf.ConverterNotFoundError as e:

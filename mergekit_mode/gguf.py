@@ -19,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["OUTTYPES", "ConverterNotFoundError", "GGUFExportError", "find_converter", "export_gguf"]
+__all__ = ["OUTTYPES", "ConverterNotFoundError", "GGUFExportError", "cpu_flags", "export_gguf", "find_converter",
+           "outtype_note"]
 
 OUTTYPES = ("f16", "bf16", "q8_0", "f32")
 
@@ -36,6 +37,35 @@ HOW_TO_GET = (
     "  - or a llama.cpp checkout: export LLAMA_CPP_CONVERTER=/path/to/llama.cpp/convert_hf_to_gguf.py\n"
     "The converter needs torch, numpy, sentencepiece, safetensors, pyyaml, tqdm and requests."
 )
+
+
+# Native llama.cpp builds on a CPU with AMX compile its AMX backend, which repacks q8_0 weights and
+# crashes (SIGSEGV) loading any q8_0 GGUF; no upstream fix as of llama.cpp in llama-cpp-python
+# 0.3.36 (docs/compatibility.md). The file itself is fine: the note says which builds can load it.
+AMX_Q8_0_NOTE = (
+    "this CPU has AMX: llama.cpp builds made for it with the AMX backend (the default -march=native "
+    "build, e.g. a plain `pip install llama-cpp-python`) crash loading q8_0 GGUFs; load this file with a "
+    "build made with CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON\" or use "
+    "f16/bf16 (docs/compatibility.md)"
+)
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty where there is no /proc/cpuinfo)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def outtype_note(outtype: str, flags: set[str]) -> str | None:
+    """A one-line note about loading an export of `outtype` on a CPU with these flags, or None."""
+    return AMX_Q8_0_NOTE if outtype == "q8_0" and "amx_int8" in flags else None
 
 
 class ConverterNotFoundError(FileNotFoundError):

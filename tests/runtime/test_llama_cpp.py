@@ -1,60 +1,35 @@
 """llama.cpp (llama-cpp-python) runs the folder as converted by llama.cpp's own
 convert_hf_to_gguf.py (through mergekit_mode.gguf.export_gguf): logits match
-transformers' and greedy continuations agree."""
+transformers' and greedy continuations agree. llama.cpp runs in a subprocess
+(runtimes.llama_cpp_run), so a crash in it fails one test and names the signal."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from mergekit_mode.gguf import export_gguf
 
-from .runtimes import hf_greedy, hf_logits, hf_model, llama_cpp_converter, llama_cpp_module, prompts_for, rel_err
+from .runtimes import hf_greedy, hf_logits, hf_model, llama_cpp_converter, llama_cpp_run, prompts_for, rel_err
 
 pytestmark = pytest.mark.runtime
 
 N_NEW = 8
-GGML_TYPE_F32 = 0  # llama_cpp.GGML_TYPE_F32; the default f16 KV cache alone gives ~3e-3 rel err
 # max|llama.cpp - transformers| / max|transformers| over all positions and the vocab
 TOL = {"f32": 1e-3, "f16": 1e-2, "bf16": 5e-2, "q8_0": 1e-1}
-
-
-def _llama(gguf_path, n_ctx=128):
-    llama_cpp = llama_cpp_module()
-    return llama_cpp.Llama(model_path=str(gguf_path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx,
-                           n_threads=2, seed=0, verbose=False,
-                           type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
-
-
-def _llama_logits(llm, ids):
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
-
-
-def _llama_greedy(llm, ids, n_new):
-    llm.reset()
-    llm.eval(ids)
-    out = []
-    for _ in range(n_new):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(nxt)
-        llm.eval([nxt])
-    return out
 
 
 def _check(moe_dir, tmp_path, outtype, greedy=True):
     llama_cpp_converter()  # fails with the setup command when missing
     gguf = export_gguf(moe_dir, tmp_path / f"model-{outtype}.gguf", outtype=outtype)
-    llm = _llama(gguf)
+    prompts = prompts_for(moe_dir)
+    got = llama_cpp_run(gguf, prompts, n_new=N_NEW if greedy else 0)
     model = hf_model(moe_dir)
     errs = []
-    for ids in prompts_for(moe_dir):
+    for ids, logits, tokens in zip(prompts, got.logits, got.greedy):
         ref = hf_logits(model, ids)
-        got = _llama_logits(llm, ids)
-        assert got.shape == ref.shape, (got.shape, ref.shape)
-        errs.append(rel_err(got, ref))
+        assert logits.shape == ref.shape, (logits.shape, ref.shape)
+        errs.append(rel_err(logits, ref))
         if greedy:
-            assert _llama_greedy(llm, ids, N_NEW) == hf_greedy(model, ids, N_NEW), ids
+            assert tokens == hf_greedy(model, ids, N_NEW), ids
     print(f"\n[llama.cpp {outtype}] {moe_dir.name}: rel err max {max(errs):.2e} (tol {TOL[outtype]:.0e})")
     assert max(errs) < TOL[outtype], errs
     return max(errs)
@@ -113,12 +88,9 @@ def test_export_gguf_missing_converter(monkeypatch, tmp_path, moe_dirs):
 
 
 def test_cli_export_gguf_loads_in_llama_cpp(moe_dirs, tmp_path, run_cli):
-    import llama_cpp
-
     out = tmp_path / "m.gguf"
     result = run_cli("export-gguf", moe_dirs["mistral-e4-top2"], "--outtype", "q8_0", "--outfile", out)
     assert result.code == 0, result.err
     assert not list(tmp_path.glob(".*partial"))
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False)
-    assert llm.n_vocab() == 512
+    assert llama_cpp_run(out, [[1, 5, 9]]).n_vocab == 512
     assert run_cli("export-gguf", moe_dirs["mistral-e4-top2"], "--outfile", out).code == 2  # exists, no --force
