@@ -125,8 +125,7 @@ def execute(
                 writer.write(item.name, tensor)
                 progress(item)
                 # written: its bytes and its inputs' are free for the next reads (a router is not ours)
-                for done in inputs.held + ([] if isinstance(item.op, RouterWeights) else [tensor]):
-                    pool.give(done)
+                pool.give(*inputs.held, *([] if isinstance(item.op, RouterWeights) else [tensor]))
                 inputs.held.clear()
                 del tensor
         finally:

@@ -190,17 +190,24 @@ class BufferPool:
                 return free.pop()
         return torch.empty(nbytes, dtype=torch.uint8)
 
-    def give(self, tensor: torch.Tensor) -> None:
-        """Return a CPU tensor whose bytes nobody needs any more (the caller drops every reference)."""
-        storage = tensor.untyped_storage()
-        if tensor.device.type != "cpu" or tensor.storage_offset() or storage.nbytes() != tensor.nbytes \
-                or not tensor.is_contiguous() or tensor.nbytes == 0:
-            return  # only whole buffers: a view's bytes may belong to someone else too
-        flat = tensor.detach().reshape(-1).view(torch.uint8)
+    def give(self, *tensors: torch.Tensor) -> None:
+        """Return CPU tensors whose bytes nobody needs any more (the caller drops every reference).
+
+        All of them in one call: a buffer named twice (an input written as it was read) must go
+        back once, or the read-ahead thread could take it between two calls and a second give
+        would hand it out again while it is being filled."""
+        flats = {}
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            if tensor.device.type != "cpu" or tensor.storage_offset() or storage.nbytes() != tensor.nbytes \
+                    or not tensor.is_contiguous() or tensor.nbytes == 0:
+                continue  # only whole buffers: a view's bytes may belong to someone else too
+            flats[storage.data_ptr()] = tensor.detach().reshape(-1).view(torch.uint8)
         with self._lock:
-            free = self._free[flat.numel()]
-            if len(free) < self._per_size and all(f.data_ptr() != flat.data_ptr() for f in free):
-                free.append(flat)
+            for flat in flats.values():
+                free = self._free[flat.numel()]
+                if len(free) < self._per_size and all(f.data_ptr() != flat.data_ptr() for f in free):
+                    free.append(flat)
 
 
 class TensorReader:
