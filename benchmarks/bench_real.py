@@ -43,7 +43,7 @@ def recipe(suite, router: dict, max_tokens: int) -> dict:
             "router": {**router, "max_tokens": max_tokens}}
 
 
-def stage_recipes(suite, args) -> dict[str, dict]:
+def stage_recipes(suite, args, lm_steps: int | None = None) -> dict[str, dict]:
     top2 = {"experts_per_token": 2}
     return {
         "build": recipe(suite, {"mode": "gateless"}, args.max_tokens),
@@ -51,7 +51,7 @@ def stage_recipes(suite, args) -> dict[str, dict]:
         "domain": recipe(suite, {"mode": "trained", **top2, "train": {
             "objective": "domain", "init": "zeros", "steps": args.domain_steps}}, args.max_tokens),
         "lm": recipe(suite, {"mode": "trained", **top2, "train": {
-            "objective": "lm", "init": "zeros", "steps": args.lm_steps}}, args.max_tokens),
+            "objective": "lm", "init": "zeros", "steps": lm_steps or args.lm_steps}}, args.max_tokens),
         "eval": recipe(suite, {"mode": "noisy", **top2}, args.max_tokens),  # the MoE eval measures
     }
 
@@ -100,7 +100,8 @@ def run_stage(stage: str, recipe_file: Path, out: Path, device: str, dtype: str,
         from mergekit_mode.routers import RouterContext, make_routers
 
         plan = plan_recipe(recipe_file)
-        kwargs = {"dtype": getattr(torch, dtype)} if "dtype" in {f.name for f in dataclasses.fields(RouterContext)} else {}
+        has_dtype = "dtype" in {f.name for f in dataclasses.fields(RouterContext)}
+        kwargs = {"dtype": getattr(torch, dtype)} if has_dtype else {}
         routers = make_routers(plan, RouterContext(torch.device(device), quiet=True, **kwargs))
         torch.save([r.float() for r in routers], out)
     report["seconds"] = time.perf_counter() - start
@@ -112,17 +113,12 @@ def run_stage(stage: str, recipe_file: Path, out: Path, device: str, dtype: str,
 
 # -- the parent
 
-def timed(cmd: list[str], env: dict) -> tuple[float, float, dict]:
+def stage_run(cmd: list[str], env: dict) -> tuple[float, float, dict]:
     """(wall seconds, peak RSS GB, the stage's own report) of a fresh process."""
-    os.sync()
-    start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    report = json.loads(re.search(r"^STAGE (.*)$", proc.stdout, re.M).group(1))
-    return wall, rss_kb / 1e6, report
+    from bench_merge import timed
+
+    wall, rss, stdout = timed(cmd, env=env)
+    return wall, rss, json.loads(re.search(r"^STAGE (.*)$", stdout, re.M).group(1))
 
 
 def baseline_tree(work: Path, rev: str) -> Path:
@@ -140,14 +136,15 @@ class Runner:
     def __init__(self, args, work: Path, trees: dict[str, Path]) -> None:
         self.args, self.work, self.trees = args, work, trees
 
-    def stage(self, impl: str, stage: str, suite, tag: str = "") -> tuple[float, float, dict, Path]:
+    def stage(self, impl: str, stage: str, suite, tag: str = "", lm_steps: int | None = None
+              ) -> tuple[float, float, dict, Path]:
+        import yaml
+
         args = self.args
         folder = self.work / "runs" / f"{impl}{tag}"
         folder.mkdir(parents=True, exist_ok=True)
         recipe_file = folder / f"{stage}.yml"
-        import yaml
-
-        recipe_file.write_text(yaml.safe_dump(stage_recipes(suite, args)[stage], sort_keys=False))
+        recipe_file.write_text(yaml.safe_dump(stage_recipes(suite, args, lm_steps)[stage], sort_keys=False))
         out = folder / (f"{stage}-out" if stage == "build" else f"{stage}.pt")
         data: list[str] = []
         if stage == "eval":  # the MoE to evaluate is built beforehand (not timed), by this checkout
@@ -161,7 +158,7 @@ class Runner:
         dtype = args.compute_dtype if impl == "new" else "float32"
         cmd = [sys.executable, __file__, "--run-stage", stage, "--recipe", str(recipe_file), "--out", str(out),
                "--device", args.device, "--dtype", dtype, *(f"--data={d}" for d in data)]
-        wall, rss, report = timed(cmd, self.env(impl))
+        wall, rss, report = stage_run(cmd, self.env(impl))
         print(f"  {impl:>8} {stage}{tag}: {wall:.1f} s wall, {report['seconds']:.1f} s in the stage, "
               f"{rss:.2f} GB peak RSS" + (f", {report['per_step']:.2f} s/step" if "per_step" in report else ""),
               file=sys.stderr, flush=True)
@@ -232,7 +229,8 @@ def main() -> None:
         speed = brep["seconds"] / nrep["seconds"]
         extra = ""
         if "per_step" in brep and "per_step" in nrep and stage == "lm":
-            extra = f" (per step {brep['per_step']:.2f} -> {nrep['per_step']:.2f} s: {brep['per_step'] / nrep['per_step']:.2f}x)"
+            b, n = brep["per_step"], nrep["per_step"]
+            extra = f" (per step {b:.2f} -> {n:.2f} s: {b / n:.2f}x)"
         print(f"| {stage} | {brep['seconds']:.1f} | {nrep['seconds']:.1f} | {speed:.2f}x{extra} | {br:.2f} | {nr:.2f} | "
               f"{nr / br:.2f}x | {same} |")
     print("\n(stage seconds: inside the process, after imports; RSS: the whole process, /usr/bin/time -v)")
@@ -245,11 +243,7 @@ def main() -> None:
             for impl in ("baseline", "new"):
                 cells = []
                 for d in depths:
-                    small = real_model.suite(work, layers=d)
-                    saved = args.lm_steps
-                    args.lm_steps = 2
-                    _, rss, _, _ = runner.stage(impl, stage, small, tag=f"-L{d}")
-                    args.lm_steps = saved
+                    _, rss, _, _ = runner.stage(impl, stage, real_model.suite(work, layers=d), tag=f"-L{d}", lm_steps=2)
                     cells.append(f"{rss:.2f}")
                 print(f"| {stage} | {impl} | " + " | ".join(cells) + " |")
 

@@ -72,8 +72,8 @@ class RealSuite:
 
     def expert_entries(self) -> list[dict]:
         """The recipe's `experts:` list (each with its training text as router data)."""
-        return [{"name": name, ("adapter" if EXPERTS[name] else "model"): str(path), "data": str(self.train_texts[name])}
-                for name, path in self.experts.items()]
+        return [{"name": name, ("adapter" if EXPERTS[name] else "model"): str(path),
+                 "data": str(self.train_texts[name])} for name, path in self.experts.items()]
 
 
 def suite(workdir: Path, layers: int = LAYERS, steps: int = 50) -> RealSuite:

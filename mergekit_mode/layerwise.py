@@ -169,7 +169,8 @@ def _batch(sequences: list[Sequence], rows: list[list[int]], width: int, pad_id:
         positions[r, col:] = torch.arange(width - col) + (positions[r, col - 1] + 1 if col else 0)
     placed.sort()
     seq, row, start, lengths = (torch.tensor(v, dtype=torch.long) for v in zip(*placed))
-    index = torch.cat([torch.arange(n) + r * width + c for r, c, n in zip(row.tolist(), start.tolist(), lengths.tolist())])
+    index = torch.cat([torch.arange(n) + r * width + c
+                       for r, c, n in zip(row.tolist(), start.tolist(), lengths.tolist())])
     return Batch(ids, positions, row, start, lengths, seq, index)
 
 
@@ -222,7 +223,8 @@ class ExpertMlp(nn.Module):
         def weight(*shape: int) -> nn.Parameter:
             return nn.Parameter(torch.empty(*shape, device=device, dtype=dtype), requires_grad=False)
 
-        self.gate, self.up, self.down = weight(intermediate, hidden), weight(intermediate, hidden), weight(hidden, intermediate)
+        self.gate, self.up = weight(intermediate, hidden), weight(intermediate, hidden)
+        self.down = weight(hidden, intermediate)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The down projection's input."""
@@ -274,7 +276,8 @@ class MoeMlp(nn.Module):
             if token.numel():
                 with torch.no_grad():
                     back = gflat[token] @ expert.down
-                total = total + (weights[token, slot].float() * (expert.hidden(flat[token]) * back).float().sum(-1)).sum()
+                dots = (expert.hidden(flat[token]) * back).float().sum(-1)
+                total = total + (weights[token, slot].float() * dots).sum()
         return total
 
 
@@ -369,7 +372,8 @@ class LayerStream:
         if mlp is not None:
             layer.mlp = mlp
         prefix = mixtral.layer_prefix(index)
-        self._fill(layer, {n: prefix + n for n, _ in layer.named_parameters() if mlp is None or not n.startswith("mlp.")})
+        own = [n for n, _ in layer.named_parameters() if mlp is None or not n.startswith("mlp.")]
+        self._fill(layer, {n: prefix + n for n in own})
         return layer
 
     def expert_mlp(self, index: int, expert: int) -> ExpertMlp:

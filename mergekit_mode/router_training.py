@@ -8,10 +8,10 @@ Two objectives:
   layer and the activations in memory, a few hundred small Adam steps per layer.
 - lm: the MoE's next-token loss plus Mixtral's load-balancing loss (MixtralForCausalLM's
   training loss), gradients into the router weights only, run one layer at a time forward and
-  backward (streamed.py), so memory is one layer, not the model. CONTEXT.md measured that domain accuracy alone (85-97% per layer)
-  can still cost perplexity when experts are poor outside their domain; this objective trains
-  what matters (300 steps, batch 8 x 128, lr 3e-3 from a classifier init reached 0.99x-1.18x of
-  each expert's own perplexity there).
+  backward (streamed.py), so memory is one layer, not the model. CONTEXT.md measured that domain
+  accuracy alone (85-97% per layer) can still cost perplexity when experts are poor outside their
+  domain; this objective trains what matters (300 steps, batch 8 x 128, lr 3e-3 from a
+  classifier init reached 0.99x-1.18x of each expert's own perplexity there).
 Both report top-1 routing accuracy per layer on the held-out documents.
 """
 
@@ -89,10 +89,10 @@ def train_domain(
             with torch.no_grad():
                 residual = [stream.attend(layer, h.to(ctx.device), b) for h, b in zip(hidden, batches)]
                 router_inputs = [layer.post_attention_layernorm(r) for r in residual]
-            x = torch.cat([b.real(u).float() for u, b in zip(router_inputs, batches)])
+            x = torch.cat([b.real(u).float().cpu() for u, b in zip(router_inputs, batches)])
             weight = _fit(x[is_train], labels[is_train], init[index], spec, tokens_per_step, gen, ctx.device, bar)
             if held_seqs:
-                accuracy.append(routing_accuracy(x[~is_train].cpu() @ weight.T, labels[~is_train], top_k))
+                accuracy.append(routing_accuracy(x[~is_train] @ weight.T, labels[~is_train], top_k))
             router.copy_(weight)
             with torch.no_grad():
                 hidden = [(r + layer.mlp(u)).cpu() for r, u in zip(residual, router_inputs)]

@@ -72,7 +72,7 @@ class Head:
             if grad:
                 # d CE / d logits = softmax - one-hot; then back through the head and the RMSNorm
                 probs = torch.exp(logits.sub_(lse[:, None]))
-                probs[torch.arange(len(y)), y] -= 1
+                probs[torch.arange(len(y), device=y.device), y] -= 1
                 gw = (probs.to(self.weight.dtype) @ self.weight).float() * self.norm
                 grads.append(r * gw - x * r.pow(3) * (x * gw).mean(-1, keepdim=True))
         return total, (torch.cat(grads) if grad else None)
