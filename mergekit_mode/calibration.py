@@ -15,29 +15,91 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TextIO, Union
 
 from mergekit_mode.errors import ModeError
 from mergekit_mode.recipe import ExpertData, LoadedRecipe
+from mergekit_mode.safety import check_name_lengths, refuse_code
 
 Sequence = list[int]
 
 
-def iter_documents(path: Path, field: str) -> Iterator[str]:
-    """The documents of a text or .jsonl file, one at a time (empty lines are skipped)."""
+# A document is tokenized from a prefix of this many characters per token still wanted (plus a
+# floor), doubled while the prefix gives too few tokens: memory follows max_tokens, not the file
+# (one 72 MB line used to cost 13 GB). Tokens this far before the cut are those of the whole text.
+_CHARS_PER_TOKEN = 8
+_MIN_CHARS = 4096
+_CUT_MARGIN = 16
+_SKIP_CHUNK = 2**20  # what is read at a time of a line's unused rest
+# A .jsonl record is parsed whole; longer than this it is not a document (use plain text).
+_JSONL_RECORD_LIMIT = 16 * 2**20
+
+
+class _Line:
+    """One line of an open text file, read only as far as a tokenizer needs it."""
+
+    def __init__(self, file: TextIO, first: str, path: Path, field: str) -> None:
+        self._file, self._path, self._field = file, path, field
+        self.complete = first.endswith("\n") or not first
+        self._text = first.removesuffix("\n")
+
+    def prefix(self, chars: int) -> tuple[str, bool]:
+        """The line's first `chars` characters, and whether that is the whole line."""
+        while not self.complete and len(self._text) < chars:
+            self._append(chars - len(self._text))
+        return self._text[:chars], self.complete and len(self._text) <= chars
+
+    def skip_rest(self) -> None:
+        while not self.complete:
+            self._text = ""
+            self._append(_SKIP_CHUNK)
+
+    def _append(self, chars: int) -> None:
+        try:
+            chunk = self._file.readline(chars)
+        except (UnicodeDecodeError, OSError) as e:
+            raise _read_error(e, self._path, self._field) from None
+        self.complete = chunk.endswith("\n") or not chunk
+        self._text += chunk.removesuffix("\n")
+
+
+Document = Union[str, _Line]
+
+
+def iter_documents(path: Path, field: str) -> Iterator[Document]:
+    """The documents of a text or .jsonl file, one at a time (empty lines are skipped). A plain-text
+    line is handed out unread beyond its first chunk, so a huge line costs what is used of it."""
     jsonl = path.suffix.lower() == ".jsonl"
+    check_name_lengths(path, field)
     try:
         with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
+            number = 0
+            while True:
+                number += 1
+                first = f.readline(_JSONL_RECORD_LIMIT if jsonl else _MIN_CHARS)
+                if not first:
+                    return
+                if jsonl:
+                    if not first.endswith("\n") and len(first) == _JSONL_RECORD_LIMIT:
+                        raise ModeError(f"{field}: {path} line {number} is longer than {_JSONL_RECORD_LIMIT // 2**20} "
+                                        "MiB; a .jsonl record is read whole: give long documents as plain text")
+                    if first.strip():
+                        yield _jsonl_text(first, path, number, field)
                     continue
-                yield _jsonl_text(line, path, number, field) if jsonl else line.rstrip("\n")
-    except FileNotFoundError:
-        raise ModeError(f"{field}: {path} does not exist") from None
-    except UnicodeDecodeError:
-        raise ModeError(f"{field}: {path} is not UTF-8 text") from None
-    except OSError as e:
-        raise ModeError(f"{field}: cannot read {path} ({e.strerror})") from None
+                line = _Line(f, first, path, field)
+                if not (line.complete and not first.strip()):
+                    yield line
+                line.skip_rest()
+    except (UnicodeDecodeError, OSError) as e:
+        raise _read_error(e, path, field) from None
+
+
+def _read_error(e: Exception, path: Path, field: str) -> ModeError:
+    if isinstance(e, FileNotFoundError):
+        return ModeError(f"{field}: {path} does not exist")
+    if isinstance(e, UnicodeDecodeError):
+        return ModeError(f"{field}: {path} is not UTF-8 text")
+    return ModeError(f"{field}: cannot read {path} ({getattr(e, 'strerror', None) or e})")
 
 
 def _jsonl_text(line: str, path: Path, number: int, field: str) -> str:
@@ -51,12 +113,23 @@ def _jsonl_text(line: str, path: Path, number: int, field: str) -> str:
     return text
 
 
-def tokenize_documents(docs: Iterator[str], tokenizer, max_tokens: int, seq_len: int) -> list[Sequence]:
+def _first_tokens(doc: Document, tokenizer, want: int) -> list[int]:
+    """The first `want` tokens of a document, tokenizing no more of its text than that takes."""
+    chars = _CHARS_PER_TOKEN * want + _MIN_CHARS
+    while True:
+        text, whole = (doc[:chars], len(doc) <= chars) if isinstance(doc, str) else doc.prefix(chars)
+        ids = tokenizer(text)["input_ids"]
+        if whole or len(ids) > want + _CUT_MARGIN:
+            return ids[:want]
+        chars *= 2
+
+
+def tokenize_documents(docs: Iterator[Document], tokenizer, max_tokens: int, seq_len: int) -> list[Sequence]:
     """Pieces of at most `seq_len` tokens, `max_tokens` in all; stops reading `docs` at the limit."""
     pieces: list[Sequence] = []
     left = max_tokens
     for doc in docs:
-        ids = tokenizer(doc)["input_ids"][:left]
+        ids = _first_tokens(doc, tokenizer, left)
         pieces += [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
         left -= len(ids)
         if left <= 0:
@@ -65,13 +138,21 @@ def tokenize_documents(docs: Iterator[str], tokenizer, max_tokens: int, seq_len:
 
 
 def load_tokenizer(path: Path, field: str):
-    """The folder's tokenizer (transformers' AutoTokenizer), or a ModeError that says who needs it."""
+    """The folder's tokenizer (transformers' AutoTokenizer), or a ModeError that says who needs it.
+
+    Never runs the folder's code nor asks the model hub: a missing folder is an error here, not a
+    repository name to download."""
     from transformers import AutoTokenizer
 
+    check_name_lengths(path, field)
+    if not path.is_dir():
+        raise ModeError(f"{field}: folder {path} does not exist")
+    refuse_code(path, field)
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModeError(f"{field}: cannot load a tokenizer from {path} ({str(e).splitlines()[0]})") from None
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except Exception as e:  # whatever a damaged tokenizer file makes transformers, tokenizers or sentencepiece raise
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModeError(f"{field}: cannot load a tokenizer from {path} ({first})") from None
 
 
 @dataclass(frozen=True)
@@ -97,7 +178,7 @@ def expert_pieces(
     return pieces
 
 
-def split_held_out(pieces: list[Sequence], share: float, seed: int) -> tuple[list[Sequence], list[Sequence]]:
+def split_held_out(pieces: list[Sequence], share: float, seed: str) -> tuple[list[Sequence], list[Sequence]]:
     """A seeded shuffle, then the last `share` of the pieces (at least one train piece is kept)."""
     order = list(range(len(pieces)))
     random.Random(seed).shuffle(order)
@@ -110,9 +191,11 @@ def load_calibration(loaded: LoadedRecipe, tokenizer, held_out: float = 0.0) -> 
     """Every expert's texts, tokenized with the base's tokenizer, in expert order."""
     router = loaded.recipe.router
     out = []
-    for i, spec in enumerate(loaded.recipe.experts):
+    for i, (spec, name) in enumerate(zip(loaded.recipe.experts, loaded.recipe.expert_names)):
         pieces = expert_pieces(loaded, i, spec, tokenizer, router.max_tokens, router.seq_len)
-        train, held = split_held_out(pieces, held_out, router.seed + i)
+        # seeded by the expert's name, not its place: an edit that adds or drops another expert
+        # leaves this one's pieces, and so its hidden row, as they were
+        train, held = split_held_out(pieces, held_out, f"{router.seed}:{name}")
         negative = _prompt_pieces(spec.negative_prompts, tokenizer, router.seq_len)
         out.append(ExpertTexts(train, held, negative))
     return out

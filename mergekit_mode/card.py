@@ -71,7 +71,26 @@ def stem_text(recipe: Recipe) -> str:
             f"(base: {stem.base or 'none'}; seed {stem.seed}), parameters `{json.dumps(spec.parameters)}`{per_model}")
 
 
-def model_card(plan: Plan) -> str:
+def format_text(plan: Plan) -> str:
+    """What the format adds to the router's choice, one line each (ending in a newline): top-k weights
+    left unscaled and the shared expert, where the format has them; nothing otherwise."""
+    lines = []
+    if not plan.format.renormalise and plan.top_k < plan.num_experts:
+        lines.append(f"- The {plan.top_k} chosen experts keep their softmax weights over all {plan.num_experts} "
+                     f"(not rescaled to sum to 1: {plan.format.title} as llama.cpp runs it).")
+    if plan.shared is not None:
+        policy = plan.recipe.recipe.shared_expert
+        what = (f"expert `{policy.from_}`'s MLP" if isinstance(policy, FromExpert) else
+                "the base's MLP" if policy == "base" else "unused (all zeros), so the block is the routed mixture")
+        router = plan.recipe.recipe.router
+        gate = ("its gate trained with the routers" if router.mode == "trained" and router.training.objective == "lm"
+                else "its gate near zero: weight about 0.5")
+        lines.append(f"- Shared expert, added on every token with weight sigmoid(gate . x) ({gate}): {what}.")
+    return "".join(line + "\n" for line in lines)
+
+
+def model_card(plan: Plan, note: str | None = None) -> str:
+    """The card; `note`: a line about how this build differs from a plain build of its recipe (edit)."""
     recipe = plan.recipe.recipe
     cfg = plan.config
     rows = "\n".join(
@@ -83,6 +102,7 @@ def model_card(plan: Plan) -> str:
         "\n## Adapters\n\nMerged into their weights as peft's `merge_and_unload()` does, in float32:\n\n"
         + "\n".join(loras) + "\n"
     )
+    edited = f"- {note}\n" if note else ""
     return f"""---
 base_model: {recipe.base_model}
 library_name: transformers
@@ -90,11 +110,11 @@ tags:
 - mergekit
 - mergekit-mode
 - moe
-- mixtral
+- {plan.format.name}
 ---
 # Mixture of Domain Experts
 
-A Mixtral-format Mixture-of-Experts built by [mergekit-mode](https://pypi.org/project/mergekit-mode/)
+A {plan.format.title}-format Mixture-of-Experts built by [mergekit-mode](https://pypi.org/project/mergekit-mode/)
 {__version__}. The base model `{recipe.base_model}` gives the tokenizer and, unless the recipe's
 `stem:` merges them, attention, embeddings and norms; each expert brings its MLP.
 
@@ -104,9 +124,10 @@ A Mixtral-format Mixture-of-Experts built by [mergekit-mode](https://pypi.org/pr
 
 - Shared tensors (embeddings, attention, norms, lm_head): {stem_text(recipe)}.
 - Router `{recipe.router.mode}`: {ROUTER_TEXT[recipe.router.mode]} (seed {recipe.router.seed}).
-- {cfg['num_local_experts']} experts, {cfg['num_experts_per_tok']} per token, {cfg['num_hidden_layers']} layers,
+- {plan.num_experts} experts, {plan.top_k} per token, {cfg['num_hidden_layers']} layers,
   dtype {cfg['dtype']}, base architecture `{plan.inputs[BASE].model_type}`.
-{adapters}
+{format_text(plan)}{plan.carried.card_text()}
+{edited}{adapters}
 Loads with no custom code:
 
 ```python

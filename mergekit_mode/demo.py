@@ -1,8 +1,8 @@
 """`mergekit-mode demo`: the whole job on experts this machine trains in about a minute.
 
 No model hub is reachable from many machines (and CI), so the demo makes everything itself: four
-synthetic text domains, a sentencepiece tokenizer, a tiny Llama base pretrained on the mix, one
-expert per domain fine-tuned from it (toy.build_domain_suite; MLP-only, so the shared stem is the
+synthetic text domains, a sentencepiece tokenizer, a tiny base (Llama, or Qwen2 or Qwen3 with
+--arch, for their MoE formats) pretrained on the mix, one expert per domain fine-tuned from it (toy.build_domain_suite; MLP-only, so the shared stem is the
 one the experts were trained with), then two recipes and their MoEs, built through the same code
 path as `mergekit-mode recipe.yml out/`: gate-less, and a top-2 router trained on each expert's
 training text. It ends with `eval`'s per-domain perplexity of every model, so a first run shows
@@ -30,13 +30,23 @@ ROUTERS = {
 }
 
 
-def demo(out: Path, *, pretrain_steps: int, finetune_steps: int, force: bool) -> None:
-    check_destination(out, force, needed_bytes=0)  # the build's own rules: no symlink, no overwrite unasked
+ARCHS = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+# Written first into a demo's folder: --force replaces only folders that carry it.
+DEMO_MARKER = ".mergekit-mode-demo"
+
+
+def demo(out: Path, *, pretrain_steps: int, finetune_steps: int, force: bool, replace_foreign: bool = False,
+         arch: str = "llama") -> None:
+    # the build's own rules: no symlink, no overwrite unasked, --force only over an earlier demo
+    check_destination(out, force, needed_bytes=0, replace_foreign=replace_foreign, marker=DEMO_MARKER)
     if out.exists():
         shutil.rmtree(out)
-    click.echo(f"training a tokenizer, a tiny Llama base and one expert per domain in {out} ...")
+    out.mkdir()
+    (out / DEMO_MARKER).write_text("made by `mergekit-mode demo`; `demo --force` may replace this folder\n")
+    click.echo(f"training a tokenizer, a tiny {ARCHS[arch]} base and one expert per domain in {out} ...")
     # One thread: steady ~90 ms a step; two threads on a busy 2-core machine spin at 1-2 s a step.
-    suite = build_domain_suite(out, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, num_threads=1)
+    suite = build_domain_suite(out, arch=arch, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps,
+                               num_threads=1)
     models = {"base": suite.base_dir, **{f"{d} expert": p for d, p in suite.experts.items()}}
     for name, router in ROUTERS.items():
         recipe = {

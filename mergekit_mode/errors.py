@@ -8,3 +8,11 @@ that line on stderr and exit code 2; anything else is a bug and keeps its traceb
 
 class ModeError(Exception):
     """A user-facing failure: printed as one line, exit code 2."""
+
+
+class CheckFailed(Exception):
+    """A quality gate failed (`check`, a recipe's `checks:`): not a user mistake, so exit code 1."""
+
+    def __init__(self, message: str, reports: tuple = ()) -> None:
+        super().__init__(message)
+        self.reports = reports  # check.CheckReport of every check run, for the caller to print

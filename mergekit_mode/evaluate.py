@@ -6,13 +6,14 @@ into one token stream and cut into non-overlapping windows of `ctx` tokens; ever
 first of its window is scored, and perplexity is exp(total loss / scored tokens). Fixed windows
 make numbers comparable between models that share a tokenizer (the base, the experts, the MoE).
 
-For Mixture-of-Experts models (config has `num_local_experts`) routing is, per layer and expert,
+For Mixture-of-Experts models in an output format mergekit-mode writes (mergekit_mode.formats, found
+from the config's model_type) routing is, per layer and expert,
 the share of the input tokens that have the expert among their top-k choices (from the router
 logits): 1.0 means the expert runs on every token. Each layer sums to k; k/E per expert is what
 a balanced router gives.
 
-Models of the families layerwise.py knows (Llama, Mistral and the Mixtral MoE) are run one
-decoder layer at a time (streamed.py) over groups of windows: memory is one layer plus the
+Models of the base families and output formats mergekit-mode knows (mergekit_mode.formats) are
+run one decoder layer at a time (streamed.py) over groups of windows: memory is one layer plus the
 activations of a group, and the LM head scores a few hundred tokens at a time instead of holding
 [tokens, vocab] logits. Other causal LMs are loaded whole by transformers.
 """
@@ -25,19 +26,21 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-import yaml
 from tqdm import tqdm
 
 from mergekit_mode.build import RECIPE_FILE
 from mergekit_mode.calibration import iter_documents, load_tokenizer, tokenize_documents
+from mergekit_mode import formats
 from mergekit_mode.errors import ModeError
-from mergekit_mode.formats import mixtral
+from mergekit_mode.formats import families
 from mergekit_mode.inputs import ModelFolder, TensorReader, read_json
 from mergekit_mode.layerwise import Batch, FolderWeights, LayerStream, make_batches
+from mergekit_mode.safety import check_name_lengths, read_small_file
 from mergekit_mode.streamed import MoeShape, StreamedLM, topk_counts
 
-# model_type values run layer by layer; anything else goes through transformers whole.
-STREAMED_TYPES = ("llama", "mistral", "mixtral")
+# model_type values run layer by layer (the base families and the output formats); anything else
+# goes through transformers whole.
+STREAMED_TYPES = tuple(t for f in families.FAMILIES for t in f.model_types) + formats.NAMES
 # Tokens whose activations one layer-major pass holds (hidden_size x 4 bytes each).
 GROUP_TOKENS = 16_384
 
@@ -58,6 +61,7 @@ def parse_data(values: tuple[str, ...]) -> dict[str, Path]:
             raise ModeError(f"--data: {value!r} is not NAME=FILE")
         if name in data:
             raise ModeError(f"--data: domain {name!r} given twice")
+        check_name_lengths(Path(file), f"--data {name}")
         data[name] = Path(file)
     return data
 
@@ -67,23 +71,29 @@ def windows(ids: list[int], ctx: int) -> list[list[int]]:
     return [ids[i:i + ctx] for i in range(0, len(ids), ctx) if len(ids[i:i + ctx]) >= 2]
 
 
-def load_model(path: Path, device: torch.device):
+def load_model(path: Path, device: torch.device, field: str = "MODEL"):
+    """A model folder (`field`: who asked for it) with transformers, once it is known to be a local folder
+    of safetensors that asks for no custom code (and told never to run any, nor to look for it on the
+    model hub)."""
     from transformers import AutoModelForCausalLM
 
+    ModelFolder.open_to_load(path, field)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False,
+                                                     local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as e:
-        raise ModeError(f"MODEL: cannot load {path} ({str(e).splitlines()[0]})") from None
+        raise ModeError(f"{field}: cannot load {path} ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
 
 
 def expert_names(path: Path, num_experts: int) -> list[str]:
     """The experts' names from the recipe that build copied into the model folder, else 0..E-1."""
-    from mergekit_mode.recipe import parse_recipe
+    from mergekit_mode.recipe import load_yaml, parse_recipe
 
     try:
-        names = parse_recipe(yaml.safe_load((path / RECIPE_FILE).read_text()), RECIPE_FILE).expert_names
-    except (OSError, yaml.YAMLError, ModeError):
+        text = read_small_file(path / RECIPE_FILE).decode("utf-8")
+        names = parse_recipe(load_yaml(text, RECIPE_FILE), RECIPE_FILE).expert_names
+    except (OSError, UnicodeDecodeError, ModeError):
         names = []
     return names if len(names) == num_experts else [str(e) for e in range(num_experts)]
 
@@ -100,8 +110,8 @@ def evaluate_domain(model, ids: list[int], ctx: int, batch_size: int, device: to
                     progress: Callable[[int], None] = lambda _: None) -> DomainResult:
     """A domain through a whole transformers model (families that are not streamed)."""
     cfg = model.config
-    num_experts = getattr(cfg, "num_local_experts", None)
-    counts = torch.zeros(cfg.num_hidden_layers, num_experts) if num_experts else None
+    fmt = formats.of_config(cfg)
+    counts = torch.zeros(cfg.num_hidden_layers, fmt.num_experts(cfg)) if fmt else None
     loss_sum, scored, routed_tokens = 0.0, 0, 0
     for batch in make_batches(windows(ids, ctx), batch_size):
         kwargs = {"output_router_logits": True} if counts is not None else {}
@@ -114,7 +124,7 @@ def evaluate_domain(model, ids: list[int], ctx: int, batch_size: int, device: to
             routed_tokens += batch.tokens
             for layer, logits in enumerate(out.router_logits):
                 real = batch.real(logits.float().cpu().reshape(*batch.ids.shape, -1))
-                counts[layer] += topk_counts(real, int(cfg.num_experts_per_tok))
+                counts[layer] += topk_counts(real, fmt.top_k(cfg))
         progress(batch.tokens)
     return _result(loss_sum, scored, counts, routed_tokens)
 
@@ -125,11 +135,18 @@ def _evaluate_streamed(folder: ModelFolder, streams: dict[str, list[int]], ctx: 
     with TensorReader() as reader:
         weights = FolderWeights(folder, reader)
         stream = LayerStream(folder, weights, [], device, dtype)
-        moe = routers = None
-        if "num_local_experts" in cfg:
-            moe = MoeShape(int(cfg["num_local_experts"]), int(cfg["num_experts_per_tok"]))
-            routers = [weights(mixtral.router_tensor(i)).to(device, torch.float32) for i in range(stream.num_layers)]
-        lm = StreamedLM(stream, moe, routers)
+        fmt = stream.moe_format
+        moe = routers = shared = None
+        if fmt is not None:
+            moe = MoeShape(fmt.num_experts(cfg), fmt.top_k(cfg))
+
+            def read(name: str) -> torch.Tensor:
+                return weights(name).to(device, torch.float32)
+
+            routers = [read(fmt.router_tensor(i)) for i in range(stream.num_layers)]
+            if fmt.shared_expert_gate is not None:
+                shared = [read(fmt.shared_gate_tensor(i)) for i in range(stream.num_layers)]
+        lm = StreamedLM(stream, moe, routers, shared)
         results = {}
         for name, ids in streams.items():
             bar.set_description(f"eval {name}")
@@ -199,6 +216,7 @@ def evaluate(model_dir: Path, data: dict[str, Path], *, ctx: int = 128, batch_si
              max_tokens: int = 50_000, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
              quiet: bool = False) -> dict[str, DomainResult]:
     """Every domain's result, in the order given."""
+    ModelFolder.open_to_load(model_dir, "MODEL")  # before reading any text
     streams = tokenize_domains(model_dir, data, max_tokens)
     return evaluate_streams(model_dir, streams, ctx=ctx, batch_size=batch_size, device=device, dtype=dtype,
                             quiet=quiet)

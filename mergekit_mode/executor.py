@@ -14,8 +14,8 @@ from mergekit_mode.adapters import merge_lora
 from mergekit_mode.errors import ModeError
 from mergekit_mode.inputs import BufferPool, Prefetcher, TensorReader
 from mergekit_mode.numerics import all_finite
-from mergekit_mode.ops import Copy, LoraMerge, Mean, RouterWeights, Source, StemMerge
-from mergekit_mode.plan import OutputTensor, Plan
+from mergekit_mode.ops import Copy, LoraMerge, Mean, RouterWeights, SharedGate, Source, StemMerge, Zeros
+from mergekit_mode.plan import Gates, OutputTensor, Plan
 from mergekit_mode.writer import ShardedWriter
 
 Progress = Callable[[OutputTensor], None]
@@ -59,7 +59,7 @@ class _Inputs:
         return total.div_(op.count).add_(base)
 
 
-def compute(item: OutputTensor, inputs: _Inputs, routers: list[torch.Tensor]) -> torch.Tensor:
+def compute(item: OutputTensor, inputs: _Inputs, gates: Gates) -> torch.Tensor:
     op = item.op
     where = f"{item.name} ({op})"
     if isinstance(op, Copy):
@@ -70,7 +70,11 @@ def compute(item: OutputTensor, inputs: _Inputs, routers: list[torch.Tensor]) ->
         tensor, where = tensor.to(inputs.device), f"{info.file}: tensor {info.name}"
         error = f"{where}: contains NaN or Inf"
     elif isinstance(op, RouterWeights):
-        tensor, error = routers[op.layer], f"router of layer {op.layer}: contains NaN or Inf"
+        tensor, error = gates.routers[op.layer], f"router of layer {op.layer}: contains NaN or Inf"
+    elif isinstance(op, SharedGate):
+        tensor, error = gates.shared[op.layer], f"shared expert gate of layer {op.layer}: contains NaN or Inf"
+    elif isinstance(op, Zeros):
+        tensor, error = torch.zeros(item.shape, device=inputs.device), ""
     elif isinstance(op, LoraMerge):
         tensor, error = inputs.merged(op), f"{where}: contains NaN or Inf"
     elif isinstance(op, Mean):
@@ -107,25 +111,23 @@ def compute_alone(item: OutputTensor, plan: Plan, reader: TensorReader, device: 
     training and layer-streamed runs use the output's own layers from these). With `rows`, only
     those rows of it: a copied tensor then reads only their bytes."""
     if rows is not None and isinstance(item.op, Copy):
-        return compute(item, _Rows(plan, reader, device, rows), [])
-    tensor = compute(item, _Inputs(plan, reader, device), [])
+        return compute(item, _Rows(plan, reader, device, rows), Gates([]))
+    tensor = compute(item, _Inputs(plan, reader, device), Gates([]))
     return tensor if rows is None else tensor[rows.to(tensor.device)]
 
 
-def execute(
-    plan: Plan, routers: list[torch.Tensor], writer: ShardedWriter, device: torch.device, progress: Progress
-) -> None:
+def execute(plan: Plan, gates: Gates, writer: ShardedWriter, device: torch.device, progress: Progress) -> None:
     pool = BufferPool()
     with TensorReader(pool) as reader:
         prefetcher = Prefetcher(reader, plan.reads())
         inputs = _Inputs(plan, prefetcher, device)
         try:
             for item in plan.tensors:
-                tensor = compute(item, inputs, routers)
+                tensor = compute(item, inputs, gates)
                 writer.write(item.name, tensor)
                 progress(item)
-                # written: its bytes and its inputs' are free for the next reads (a router is not ours)
-                pool.give(*inputs.held, *([] if isinstance(item.op, RouterWeights) else [tensor]))
+                # written: its bytes and its inputs' are free for the next reads (the gates are not ours)
+                pool.give(*inputs.held, *([] if isinstance(item.op, (RouterWeights, SharedGate)) else [tensor]))
                 inputs.held.clear()
                 del tensor
         finally:

@@ -1,9 +1,9 @@
-"""Where each expert's version of a base tensor comes from, and the policies for what Mixtral shares.
+"""Where each expert's version of a base tensor comes from, and the policies for what experts share.
 
 An expert starts from weights (its fine-tune, or the base for a lone adapter) and may carry an
 adapter; `Expert.op` says how to make its version of any base tensor and `Expert.change` what
-its adapter changed. Only the MLP differs per expert in Mixtral: attention and norms follow the
-recipe's `shared_deltas` policy, embeddings and lm_head its `embeddings` policy.
+its adapter changed. Only the MLP differs per expert in every output format: attention and norms
+follow the recipe's `shared_deltas` policy, embeddings and lm_head its `embeddings` policy.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterator, Union
 
 from mergekit_mode.adapters import CONFIG_FILE, AdapterFolder, check_biases, recorded_base_differs
 from mergekit_mode.errors import ModeError
-from mergekit_mode.formats import mixtral
+from mergekit_mode.formats.families import EMBED, LM_HEAD, MLP_ROLES, BaseFamily
 from mergekit_mode.inputs import ModelFolder, TensorInfo, TensorReader
 from mergekit_mode.ops import BASE, Change, Copy, LoraMerge, Mean, Op, Source, StemMerge
 from mergekit_mode.recipe import FromExpert, LoadedRecipe, Recipe
@@ -71,8 +71,8 @@ def experts_of(loaded: LoadedRecipe, inputs: dict[str, Input], fields: dict[str,
 def _weight(start: ModelFolder, name: str) -> TensorInfo | None:
     """The start's tensor `name`; a tied lm_head is the embedding (the `embeddings` policy decides
     later what happens to an adapter's change of it)."""
-    if name == mixtral.LM_HEAD and name not in start.tensors and start.config.get("tie_word_embeddings"):
-        name = mixtral.EMBED
+    if name == LM_HEAD.name and name not in start.tensors and start.config.get("tie_word_embeddings"):
+        name = EMBED.name
     return start.tensors.get(name)
 
 
@@ -95,7 +95,7 @@ def _check_adapter(adapter: AdapterFolder, start: Input, field: str) -> None:
 
 
 def shared_op(tensor: str, experts: dict[str, Expert], policy: object, adapters: int) -> Op:
-    """A tensor Mixtral shares between experts (attention, norms), by the shared_deltas policy."""
+    """A tensor the experts share (attention, norms), by the shared_deltas policy."""
     if isinstance(policy, FromExpert):
         return experts[policy.from_].op(tensor)
     changes = tuple(c for e in experts.values() if (c := e.change(tensor)) is not None)
@@ -121,7 +121,7 @@ def _refuse_unpoliced(tensor: str, experts: dict[str, Expert], policy: object, f
         return
     for name, expert in experts.items():
         if expert.change(tensor) is not None:
-            raise ModeError(f"{fields[name]}: changes {tensor} (LoRA target or modules_to_save), which Mixtral "
+            raise ModeError(f"{fields[name]}: changes {tensor} (LoRA target or modules_to_save), which the output's "
                             f"experts share: set `embeddings: base` or `embeddings: {{from: {name}}}`")
 
 
@@ -136,15 +136,16 @@ def _kept(policy: object, keeps_all: object, name: str) -> bool:
     return policy == keeps_all or (isinstance(policy, FromExpert) and policy.from_ == name)
 
 
-def _unused_changes(experts: dict[str, Expert], recipe: Recipe, merged: tuple[str, ...] | None) -> Iterator[str]:
+def _unused_changes(experts: dict[str, Expert], recipe: Recipe, merged: tuple[str, ...] | None,
+                    family: BaseFamily) -> Iterator[str]:
     """Adapters' changes outside the MLP that the recipe leaves out: legal, but worth a line.
     `merged`: the models of a `stem:` merge (None with `stem: base`)."""
-    embeddings = (mixtral.EMBED, mixtral.LM_HEAD)
+    embeddings = (EMBED.name, LM_HEAD.name)
+    mlp = tuple(family.mlp(role).name for role in MLP_ROLES)
     for expert in experts.values():
         if expert.adapter is None:
             continue
-        changed = [t for t in (*expert.adapter.modules, *expert.adapter.saved)
-                   if not t.endswith(tuple(mixtral.EXPERT_FROM_MLP.values()))]
+        changed = [t for t in (*expert.adapter.modules, *expert.adapter.saved) if not t.endswith(mlp)]
         if merged is not None:
             groups = [("stem.models", expert.name in merged, changed)]
         else:
@@ -163,19 +164,19 @@ def check_tied_lm_head(
     would be lost, so it is refused unless the policy drops it anyway. `merged`: as in _unused_changes."""
     if merged is not None:
         for name in merged:
-            if name in experts and experts[name].change(mixtral.LM_HEAD):
+            if name in experts and experts[name].change(LM_HEAD.name):
                 raise ModeError(f"stem.models: the base ties lm_head to embed_tokens, so {name}'s change of "
                                 "lm_head has no place")
         return
-    _refuse_unpoliced(mixtral.LM_HEAD, experts, policy, fields)
-    if isinstance(policy, FromExpert) and experts[policy.from_].change(mixtral.LM_HEAD):
+    _refuse_unpoliced(LM_HEAD.name, experts, policy, fields)
+    if isinstance(policy, FromExpert) and experts[policy.from_].change(LM_HEAD.name):
         raise ModeError(f"embeddings.from: the base ties lm_head to embed_tokens, so {policy.from_}'s "
                         "change of lm_head has no place")
 
 
 def adapter_warnings(
     inputs: dict[str, Input], experts: dict[str, Expert], fields: dict[str, str], recipe: Recipe,
-    merged: tuple[str, ...] | None,
+    merged: tuple[str, ...] | None, family: BaseFamily,
 ) -> Iterator[str]:
     """What is legal but likely unintended: a different recorded base, an ignored option, unused changes."""
     for expert in experts.values():
@@ -190,4 +191,4 @@ def adapter_warnings(
         if expert.adapter.config.fan_in_fan_out:
             yield (f"{field}: fan_in_fan_out is true; peft ignores it for Linear and Embedding layers "
                    "(it sets it to false when loading), and so does mergekit-mode")
-    yield from _unused_changes(experts, recipe, merged)
+    yield from _unused_changes(experts, recipe, merged, family)

@@ -1,4 +1,4 @@
-"""Export a Mixtral-format model folder to GGUF with llama.cpp's own converter.
+"""Export a model folder (any output format) to GGUF with llama.cpp's own converter.
 
 mergekit-mode does not ship or reimplement llama.cpp's converter: it runs
 llama.cpp's `convert_hf_to_gguf.py` (with llama.cpp's `gguf-py` beside it) in a
@@ -15,9 +15,16 @@ subprocess. Where the converter is looked for, in order:
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from mergekit_mode.errors import ModeError
+from mergekit_mode.formats import output_architectures
+from mergekit_mode.inputs import ModelFolder
+from mergekit_mode.safety import check_name_lengths, contains
 
 __all__ = ["OUTTYPES", "ConverterNotFoundError", "GGUFExportError", "cpu_flags", "export_gguf", "find_converter",
            "outtype_note"]
@@ -112,11 +119,12 @@ def export_gguf(
     python: str | None = None,
     timeout: float | None = None,
 ) -> Path:
-    """Convert a (Mixtral-format) Hugging Face model folder to one GGUF file.
+    """Convert a Hugging Face model folder (an output of any format) to one GGUF file.
 
     outtype: f16 | bf16 | q8_0 | f32. `python` runs the converter (default: this one).
-    Raises ConverterNotFoundError when llama.cpp's converter is not found, and
-    GGUFExportError (with the converter's last output lines) when it fails.
+    Raises ConverterNotFoundError when llama.cpp's converter is not found, ModeError when the
+    folder or the file is refused (check_exportable, check_outfile), and GGUFExportError (with the
+    converter's last output lines) when it fails.
     """
     model_dir, out_file = Path(model_dir), Path(out_file)
     if outtype not in OUTTYPES:
@@ -126,19 +134,54 @@ def export_gguf(
     converter = find_converter()
     if converter is None:
         raise ConverterNotFoundError(HOW_TO_GET)
+    check_exportable(model_dir)
+    check_outfile(model_dir, out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    # The converter writes as it goes: convert to a hidden name and rename when complete, so a
-    # failed or interrupted export never leaves a truncated .gguf that looks finished.
-    partial = out_file.with_name(f".{out_file.name}.partial")
+    # The converter writes as it goes: it converts into a private folder made here (no one else can
+    # plant a link in it) and the file is renamed into place when complete, so a failed or
+    # interrupted export never leaves a truncated .gguf that looks finished, nor writes elsewhere.
+    work = Path(tempfile.mkdtemp(prefix=f".{out_file.name}.partial-", dir=out_file.parent))
+    partial = work / out_file.name
     cmd = [python or sys.executable, str(converter), str(model_dir), "--outfile", str(partial), "--outtype", outtype]
     try:
-        p = subprocess.run(cmd, env=_converter_env(converter), capture_output=True, text=True, timeout=timeout)
+        with subprocess.Popen(cmd, env=_converter_env(converter), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) as p:
+            try:
+                stdout, stderr = p.communicate(timeout=timeout)
+            except BaseException:  # a timeout, Ctrl-C, SIGTERM/SIGHUP...: the converter goes too
+                p.kill()
+                p.wait()
+                raise
         if p.returncode != 0 or not partial.is_file():
-            tail = "\n".join((p.stdout + "\n" + p.stderr).strip().splitlines()[-30:])
+            tail = "\n".join((stdout + "\n" + stderr).strip().splitlines()[-30:])
             raise GGUFExportError(
                 f"llama.cpp's converter ({converter}) failed on {model_dir} (exit {p.returncode}):\n{tail}"
             )
         partial.rename(out_file)
     finally:
-        partial.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
     return out_file
+
+
+def check_exportable(model_dir: Path) -> None:
+    """Refuse, before llama.cpp's converter sees it, a folder that could make it run code: the
+    converter passes trust_remote_code=True for some architectures, so a folder must be one of the
+    architectures mergekit-mode writes, hold safetensors only, and carry no auto_map and no .py."""
+    folder = ModelFolder.open_to_load(model_dir, "MODEL", scripts=True)
+    known = output_architectures()
+    archs = folder.config.get("architectures")
+    if not isinstance(archs, list) or not archs or any(a not in known for a in archs):
+        raise ModeError(f"MODEL: {model_dir / 'config.json'}: architectures {archs!r}; export-gguf converts what "
+                        f"mergekit-mode writes ({', '.join(known)})")
+
+
+def check_outfile(model_dir: Path, out_file: Path) -> None:
+    """The GGUF file goes to a plain file name outside the folder it is made from."""
+    check_name_lengths(out_file, "--outfile")
+    if out_file.is_symlink():
+        raise ModeError(f"--outfile: {out_file} is a symlink; give the real path")
+    if out_file.is_dir():
+        raise ModeError(f"--outfile: {out_file} is a folder; give a file name (e.g. {out_file / 'model.gguf'})")
+    if contains(model_dir, out_file):
+        raise ModeError(f"--outfile: {out_file} is inside MODEL ({model_dir}), which the export reads; write it "
+                        "elsewhere")

@@ -24,6 +24,7 @@ import torch
 
 from mergekit_mode.errors import ModeError
 from mergekit_mode.numerics import all_finite
+from mergekit_mode.safety import check_inside, check_name_lengths, read_small_file, refuse_code
 
 # safetensors dtype tags -> torch dtypes (the subset that model weights use).
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -39,6 +40,12 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_TAGS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+# The files a tokenizer is made of (a folder has some of them): what an output's tokenizer is.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
+# Files beside a model that hold JSON objects (tokenizer settings, generation defaults).
+_JSON_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                    "chat_template.json", "generation_config.json")
 
 # Above this a safetensors header is not a header but a damaged file (the format caps it at 100 MB).
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -57,7 +64,10 @@ class TensorInfo:
 
 
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
-    """Parse one safetensors file's header, checking every byte range against the file's size."""
+    """Parse one safetensors file's header with the safetensors library's own rules: every byte range
+    within the file, no duplicate names, and the tensors tiling the data exactly (no overlap, no
+    alias of another tensor's bytes, no gap, no trailing bytes), so a file transformers or a runtime
+    would refuse is refused here, before a build."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -71,7 +81,7 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     except OSError as e:
         raise ModeError(f"{file}: cannot read ({e.strerror})") from None
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
         if not isinstance(header, dict):
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:
@@ -79,8 +89,11 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
 
     data_start = 8 + header_len
     tensors: dict[str, TensorInfo] = {}
+    ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise ModeError(f"{file}: corrupt safetensors header (__metadata__ must map names to strings)")
             continue
         try:
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
@@ -97,7 +110,31 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
         if data_start + end > size:
             raise ModeError(f"{file}: truncated: tensor {name!r} ends at byte {data_start + end}, file has {size}")
         tensors[name] = TensorInfo(name, dtype, shape, file, data_start + begin, expected)
+        ranges.append((begin, end, name))
+    _check_tiling(file, sorted(ranges), size - data_start)
     return tensors
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise ValueError(f"duplicate key {key!r}")
+    return dict(pairs)
+
+
+def _check_tiling(file: Path, ranges: list[tuple[int, int, str]], data_size: int) -> None:
+    """The tensors' byte ranges, in offset order, must cover the data exactly once (safetensors'
+    own validation): an overlap would let two tensors alias the same bytes."""
+    covered = 0
+    for begin, end, name in ranges:
+        if begin != covered:
+            what = "overlaps another tensor's bytes" if begin < covered else f"leaves bytes {covered}-{begin} unused"
+            raise ModeError(f"{file}: corrupt safetensors file: tensor {name!r} {what}")
+        covered = end
+    if covered != data_size:
+        raise ModeError(f"{file}: corrupt safetensors file: {data_size - covered} trailing bytes after the last "
+                        "tensor")
 
 
 @dataclass(frozen=True)
@@ -111,6 +148,7 @@ class ModelFolder:
     @classmethod
     def open(cls, path: Path, field: str) -> "ModelFolder":
         """Read config.json and the safetensors headers; `field` names the recipe entry in errors."""
+        check_name_lengths(path, field)
         if not path.is_dir():
             raise ModeError(f"{field}: folder {path} does not exist")
         config = read_json(path / "config.json", field)
@@ -119,6 +157,15 @@ class ModelFolder:
         except ModeError as e:
             raise ModeError(f"{field}: {e}") from None
         return cls(path, config, tensors)
+
+    @classmethod
+    def open_to_load(cls, path: Path, field: str, *, scripts: bool = False) -> "ModelFolder":
+        """Open a folder that a library (transformers, llama.cpp's converter) will load: besides what
+        `open` checks (safetensors only, every header valid, shards inside the folder), it must ask
+        for no custom code (`scripts`: and hold no .py files at all)."""
+        folder = cls.open(path, field)
+        refuse_code(path, field, scripts=scripts)
+        return folder
 
     @property
     def model_type(self) -> str:
@@ -129,14 +176,39 @@ def read_json(file: Path, field: str = "") -> dict:
     """A JSON object from `file`; errors name `field` (the recipe entry) when given."""
     where = f"{field}: {file}" if field else str(file)
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(read_small_file(file).decode("utf-8"))
     except FileNotFoundError:
         raise ModeError(f"{where} does not exist") from None
+    except ModeError as e:
+        raise ModeError(f"{field}: {e}" if field else str(e)) from None
     except (OSError, ValueError) as e:
         raise ModeError(f"{where} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ModeError(f"{where} is not a JSON object")
     return data
+
+
+def check_tokenizer(folder: Path, field: str) -> None:
+    """Refuse a folder whose tokenizer files do not parse with the libraries that read them
+    (tokenizers for tokenizer.json, sentencepiece for tokenizer.model, JSON for the settings), so no
+    output is built whose tokenizer would not load. The libraries, not transformers: importing that
+    costs seconds a build."""
+    for name in _JSON_SIDE_FILES:
+        if (folder / name).is_file():
+            read_json(folder / name, field)
+    file = folder / "tokenizer.json"
+    try:
+        if file.is_file():
+            import tokenizers
+
+            tokenizers.Tokenizer.from_file(str(file))
+        file = folder / "tokenizer.model"
+        if file.is_file():
+            import sentencepiece
+
+            sentencepiece.SentencePieceProcessor(model_file=str(file))
+    except Exception as e:  # what each library raises for a damaged file (tokenizers: a plain Exception)
+        raise ModeError(f"{field}: {file} does not load as a tokenizer ({(str(e).splitlines() or [''])[0]})") from None
 
 
 def _collect_tensors(path: Path) -> dict[str, TensorInfo]:
@@ -148,7 +220,10 @@ def _collect_tensors(path: Path) -> dict[str, TensorInfo]:
             raise ModeError(f"{index_file} has no weight_map")
         tensors: dict[str, TensorInfo] = {}
         for shard in sorted(set(weight_map.values())):
+            if not isinstance(shard, str) or Path(shard).is_absolute() or ".." in Path(shard).parts:
+                raise ModeError(f"{index_file} names shard {shard!r}, which is not a file name inside the folder")
             shard_file = path / shard
+            check_inside(shard_file, path, str(index_file))
             if not shard_file.is_file():
                 raise ModeError(f"{index_file} names shard {shard}, which does not exist")
             for name, info in read_safetensors_header(shard_file).items():

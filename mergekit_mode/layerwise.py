@@ -7,13 +7,15 @@ mapped), it runs over all batches, and the next layer reuses its memory: peak me
 layer plus the activations of the tokens in flight, whatever the depth. The embedding is read
 only at the rows the tokens use.
 
-The layer is transformers' own decoder layer class of the config's family, so attention, norms
-and rotary embeddings are the full model's. Weights come from a `Weights` source: `FolderWeights`
+The layer is transformers' own decoder layer class of the folder's family or output format
+(`LlamaDecoderLayer`, `Qwen3DecoderLayer`, `Qwen2MoeDecoderLayer`, ...), so attention (biases,
+q/k norms), norms and rotary embeddings are the full model's. Weights come from a `Weights` source: `FolderWeights`
 reads a model folder (a dense base, or a MoE checkpoint), `PlanWeights` computes the output's
 own tensors as the executor writes them (the stem as `stem:` makes it, and each expert's MLP), so
 the merged MoE runs exactly as it will load. The router input of a MoE layer is the MLP input,
 the output of the layer's `post_attention_layernorm`, not the layer's input that mergekit uses.
-`MoeMlp` is Mixtral's sparse block over the experts' MLPs.
+A MoE layer's MLP is its output format's block (`OutputFormat.moe_block`) over the experts'
+MLPs, with the shared expert of formats that have one.
 
 Batches are packed: short sequences share a row back to back (each attends only to itself, with
 its own positions), so padding does not cost compute; every real token's numbers equal a
@@ -28,12 +30,15 @@ from importlib import import_module
 from typing import Optional, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mergekit_mode.calibration import Sequence
 from mergekit_mode.executor import compute_alone
-from mergekit_mode.formats import mixtral
+from mergekit_mode import formats
+from mergekit_mode.formats import families
+from mergekit_mode.formats.base import OutputFormat
+from mergekit_mode.formats.block import ExpertMlp
+from mergekit_mode.formats.families import Role
 from mergekit_mode.inputs import ModelFolder, TensorReader
 from mergekit_mode.plan import Plan
 
@@ -91,9 +96,9 @@ def stem_config(base: ModelFolder):
     return config
 
 
-def _class(model_type: str, suffix: str) -> type:
+def _class(model_type: str, prefix: str, suffix: str) -> type:
     module = import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    return getattr(module, f"{model_type.capitalize()}{suffix}")
+    return getattr(module, f"{prefix}{suffix}")
 
 
 @dataclass(frozen=True)
@@ -214,73 +219,6 @@ def pack(sequences: list[Sequence], width: int, rows_per_batch: int, pad_id: int
     return batches
 
 
-class ExpertMlp(nn.Module):
-    """One expert: down(silu(gate(x)) * up(x)), the MLP of Llama/Mistral and Mixtral's experts."""
-
-    def __init__(self, hidden: int, intermediate: int, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__()
-
-        def weight(*shape: int) -> nn.Parameter:
-            return nn.Parameter(torch.empty(*shape, device=device, dtype=dtype), requires_grad=False)
-
-        self.gate, self.up = weight(intermediate, hidden), weight(intermediate, hidden)
-        self.down = weight(hidden, intermediate)
-
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """The down projection's input."""
-        return F.silu(F.linear(x, self.gate)) * F.linear(x, self.up)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.hidden(x), self.down)
-
-
-class MoeMlp(nn.Module):
-    """Mixtral's sparse MoE block over expert MLPs: softmax over all experts, top-k, renormalise
-    the k weights, weighted sum (what MixtralSparseMoeBlock computes). The router is a plain
-    tensor, so a trainer can put a leaf that requires grad in its place. `router_logits` keeps
-    the last forward's logits [tokens, experts] (for routing counts and the balancing loss)."""
-
-    def __init__(self, router: torch.Tensor, experts: list[nn.Module], top_k: int) -> None:
-        super().__init__()
-        self.router = router
-        self.experts = nn.ModuleList(experts)
-        self.top_k = top_k
-        self.router_logits: Optional[torch.Tensor] = None
-
-    def _route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the top-k weights renormalised, in x's dtype; the top-k expert indices) per token."""
-        self.router_logits = logits = flat.float() @ self.router.T  # float32 whatever the compute dtype
-        weights, index = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
-        return (weights / weights.sum(dim=-1, keepdim=True)).to(flat.dtype), index
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        weights, index = self._route(flat)
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.nonzero(index == e, as_tuple=True)
-            if token.numel():
-                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
-        return out.reshape(x.shape)
-
-    def grad_surrogate(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-        """A scalar whose gradient (with respect to x and the router) is the block's vector-Jacobian
-        product with grad_out, i.e. sum(grad_out * forward(x)), without running the experts' down
-        projections forward: grad_out . down(h) = (down^T grad_out) . h, and down^T grad_out is
-        what back-propagation through down computes anyway (here without autograd)."""
-        flat, gflat = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, x.shape[-1])
-        weights, index = self._route(flat)
-        total = torch.zeros((), device=x.device)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.nonzero(index == e, as_tuple=True)
-            if token.numel():
-                with torch.no_grad():
-                    back = gflat[token] @ expert.down
-                dots = (expert.hidden(flat[token]) * back).float().sum(-1)
-                total = total + (weights[token, slot].float() * dots).sum()
-        return total
-
-
 # Weights read or computed once are kept up to this many bytes (as stored, e.g. bf16), so a small
 # model is read once however often its layers run; larger ones stream, with memory still flat.
 WEIGHT_CACHE_BYTES = 64 << 20
@@ -289,12 +227,16 @@ WEIGHT_CACHE_BYTES = 64 << 20
 class LayerStream:
     """A decoder stack of the folder's config, layer by layer, over batches of tokens.
 
-    Layer modules are built once and refilled: `decoder_layer`, `moe_layer` and `expert_mlp`
+    Layer modules are built once and refilled: `decoder_layer` and the MLPs of `moe_block`
     return modules that the next call of the same kind overwrites (one layer in memory)."""
 
     def __init__(self, folder: ModelFolder, weights: Weights, batches: list[Batch], device: torch.device,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, moe_format: Optional[OutputFormat] = None) -> None:
         self.model_type = folder.model_type  # the architecture and config are the folder's
+        built = formats.of_config(folder.config)  # a MoE folder in an output format, or a dense base
+        self._prefix = (built.architecture.removesuffix("ForCausalLM") if built
+                        else families.family_of(folder.config, "MODEL").transformers_prefix)
+        self.moe_format = moe_format or built  # the format of the MoE layers run (moe_block)
         self.weights = weights
         self.dtype = dtype  # of the layers' weights and activations (see build.compute_dtype)
         self._cache: dict[str, torch.Tensor] = {}
@@ -305,8 +247,10 @@ class LayerStream:
         self.config = stem_config(folder)
         self.num_layers = int(self.config.num_hidden_layers)
         self.hidden_size = int(self.config.hidden_size)
-        self._rotary = _class(self.model_type, "RotaryEmbedding")(self.config).to(device)
-        self._window = getattr(self.config, "sliding_window", None)
+        self._rotary = _class(self.model_type, self._prefix, "RotaryEmbedding")(self.config).to(device)
+        # Mistral's window; Qwen configs carry a sliding_window that use_sliding_window false turns off
+        window = getattr(self.config, "sliding_window", None)
+        self._window = window if window and getattr(self.config, "use_sliding_window", True) else None
         self._contexts: dict[int, tuple[Batch, tuple]] = {}
         self._shells: dict[str, nn.Module] = {}
 
@@ -341,7 +285,7 @@ class LayerStream:
         """Read the embedding rows of `ids` once, for every later `embed` of batches made of them
         (a trainer's steps draw from one set of sequences)."""
         used = torch.unique(torch.cat([ids.reshape(-1), torch.zeros(1, dtype=torch.long)]))  # 0: padding
-        self._rows = used, self.weights.rows(mixtral.EMBED, used).to("cpu", self.dtype)
+        self._rows = used, self.weights.rows(families.EMBED.name, used).to("cpu", self.dtype)
 
     def embed(self, batches: Optional[list[Batch]] = None) -> list[torch.Tensor]:
         """Layer 0's input per batch, on the CPU in the compute dtype: the embedding rows of the ids, read
@@ -353,7 +297,7 @@ class LayerStream:
             inverse = torch.searchsorted(used, ids)
         else:
             used, inverse = torch.unique(ids, return_inverse=True)
-            rows = self.weights.rows(mixtral.EMBED, used).to("cpu", self.dtype)
+            rows = self.weights.rows(families.EMBED.name, used).to("cpu", self.dtype)
         out, first = [], 0
         for b in batches:
             out.append(rows[inverse[first:first + b.ids.numel()]].reshape(*b.ids.shape, -1))
@@ -371,34 +315,45 @@ class LayerStream:
             layer = self._shells[kind] = self._empty_layer(dense=mlp is None)
         if mlp is not None:
             layer.mlp = mlp
-        prefix = mixtral.layer_prefix(index)
+        prefix = f"{families.LAYER_PREFIX}{index}."
         own = [n for n, _ in layer.named_parameters() if mlp is None or not n.startswith("mlp.")]
         self._fill(layer, {n: prefix + n for n in own})
         return layer
 
-    def expert_mlp(self, index: int, expert: int) -> ExpertMlp:
-        """Expert `expert`'s MLP in layer `index` of a MoE (w1/w3/w2 -> gate/up/down)."""
-        key = f"expert{expert}"
+    def _mlp(self, key: str, names: dict[Role, str]) -> ExpertMlp:
+        """A dense SwiGLU MLP (an expert, the shared expert) from the tensors named per role; `key`
+        names its reused module."""
         mlp = self._shells.get(key)
-        if mlp is None:
-            shape = self.weights.shape(mixtral.expert_tensor(index, expert, "w1"))
+        shape = self.weights.shape(names[Role.GATE_PROJ])
+        if mlp is None or tuple(mlp.gate.shape) != tuple(shape):
             mlp = self._shells[key] = ExpertMlp(self.hidden_size, shape[0], self.device, self.dtype)
-        self._fill(mlp, {"gate": mixtral.expert_tensor(index, expert, "w1"),
-                         "up": mixtral.expert_tensor(index, expert, "w3"),
-                         "down": mixtral.expert_tensor(index, expert, "w2")})
+        self._fill(mlp, {"gate": names[Role.GATE_PROJ], "up": names[Role.UP_PROJ], "down": names[Role.DOWN_PROJ]})
         return mlp
 
-    def moe_layer(self, index: int, router: torch.Tensor, num_experts: int, top_k: int) -> nn.Module:
-        """Decoder layer `index` of a MoE: attention and norms, and Mixtral's block over its experts."""
-        experts = [self.expert_mlp(index, e) for e in range(num_experts)]
-        return self.decoder_layer(index, MoeMlp(router, experts, top_k))
+    def moe_block(self, fmt: OutputFormat, index: int, router: torch.Tensor, num_experts: int, top_k: int,
+                  shared_gate: Optional[torch.Tensor] = None) -> nn.Module:
+        """Layer `index`'s MoE block in format `fmt` over its experts' MLPs, with this router (and,
+        in formats with a shared expert, the shared expert with this gate row)."""
+        experts = [self._mlp(f"expert{e}", {role: fmt.expert_tensor(index, e, role) for role in fmt.experts})
+                   for e in range(num_experts)]
+        shared = None
+        if fmt.shared_expert is not None:
+            assert shared_gate is not None, f"{fmt.name} has a shared expert: give its gate"
+            names = {role: fmt.shared_expert_tensor(index, role) for role in fmt.shared_expert}
+            shared = (self._mlp("shared", names), shared_gate)
+        return fmt.moe_block(router, experts, top_k, shared)
+
+    def moe(self, plan: Plan, index: int, router: torch.Tensor, shared_gate: Optional[torch.Tensor] = None
+            ) -> nn.Module:
+        """Layer `index`'s MoE block of the plan's output (its format, experts and top-k)."""
+        return self.moe_block(plan.format, index, router, plan.num_experts, plan.top_k, shared_gate)
 
     def _empty_layer(self, dense: bool) -> nn.Module:
         """A transformers decoder layer with uninitialised parameters on the device: every one is
         loaded next, and a random init of a large layer costs seconds on a CPU. A MoE layer gets
         its MLP from the caller, so its own is never allocated."""
         with torch.device("meta"):
-            layer = _class(self.model_type, "DecoderLayer")(self.config, 0).to(self.dtype)
+            layer = _class(self.model_type, self._prefix, "DecoderLayer")(self.config, 0).to(self.dtype)
             if not dense:
                 layer.mlp = nn.Identity()
         # buffers would stay uninitialised: none exist in these modules (rotary is model-level)

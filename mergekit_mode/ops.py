@@ -59,6 +59,33 @@ class RouterWeights:
 
 
 @dataclass(frozen=True)
+class SharedGate:
+    """The output is the shared expert's gate of `layer` (formats with a shared expert), made with the
+    routers."""
+
+    layer: int
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        return ()
+
+    def __str__(self) -> str:
+        return f"shared expert gate (layer {self.layer})"
+
+
+@dataclass(frozen=True)
+class Zeros:
+    """The output is all zeros (an unused shared expert: it adds nothing)."""
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        return ()
+
+    def __str__(self) -> str:
+        return "zeros"
+
+
+@dataclass(frozen=True)
 class LoraMerge:
     """The output is `base` with an expert's LoRA merged in (adapters.merge_lora), in float32."""
 
@@ -147,4 +174,4 @@ class StemMerge:
         return f"{self.method}({', '.join(inputs)}{'; ' + fmt(self.parameters) if self.parameters else ''})"
 
 
-Op = Union[Copy, RouterWeights, LoraMerge, Mean, StemMerge]
+Op = Union[Copy, RouterWeights, SharedGate, Zeros, LoraMerge, Mean, StemMerge]

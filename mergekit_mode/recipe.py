@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mergekit_mode.errors import ModeError
+from mergekit_mode.formats import NAMES as FORMAT_NAMES, defaults as format_defaults
+from mergekit_mode.safety import name_too_long, read_small_file
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40}
@@ -38,6 +40,35 @@ ByteSize = Annotated[int, BeforeValidator(parse_size)]
 DType = Literal["float32", "float16", "bfloat16"]
 
 
+def _not_bool(value: object) -> object:
+    """YAML's true/false are not numbers (pydantic would read `experts_per_token: true` as 1)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
+def _name_lengths(path: Path) -> Path:
+    problem = name_too_long(path)
+    if problem:
+        raise ValueError(problem)
+    return path
+
+
+def _seed_range(seed: int) -> int:
+    if not -2**63 <= seed < 2**64:
+        raise ValueError(f"{seed} is out of range: a seed is a 64-bit integer (-2**63 to 2**64-1, what torch's "
+                         "generator takes)")
+    return seed
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+Seed = Annotated[int, BeforeValidator(_not_bool), AfterValidator(_seed_range)]
+FilePath = Annotated[Path, AfterValidator(_name_lengths)]
+# Router training holds a step's tokens (batch_size x seq_len) and their activations in memory.
+MAX_TOKENS_PER_STEP = 2**20
+
+
 RESERVED_NAME = "base_model"  # how plans and `stem:` refer to the recipe's base
 
 
@@ -48,7 +79,7 @@ class _Strict(BaseModel):
 class ExpertData(_Strict):
     """Text of an expert's domain, read by the routers made from data (router.mode hidden or trained)."""
 
-    data: Optional[Path] = Field(
+    data: Optional[FilePath] = Field(
         None, description="Text of the expert's domain: plain text (one document per line) or .jsonl with a "
         "'text' field per record. Read lazily from the start, up to max_tokens tokens.",
     )
@@ -59,7 +90,7 @@ class ExpertData(_Strict):
         None, min_length=1,
         description="hidden: texts this expert should not get; their mean is subtracted from its row.",
     )
-    max_tokens: Optional[int] = Field(
+    max_tokens: Optional[Int] = Field(
         None, ge=1, description="Most tokens taken from prompts and data; default: router.max_tokens.",
     )
 
@@ -74,8 +105,8 @@ class ExpertSpec(ExpertData):
     name: Optional[str] = Field(
         None, description="Unique name; default: the model folder's name, or the adapter folder's without a model."
     )
-    model: Optional[Path] = Field(None, description="Folder of a fine-tune of base_model (same architecture and shapes).")
-    adapter: Optional[Path] = Field(
+    model: Optional[FilePath] = Field(None, description="Folder of a fine-tune of base_model (same architecture and shapes).")
+    adapter: Optional[FilePath] = Field(
         None, description="Folder of a peft LoRA adapter (adapter_config.json + adapter_model.safetensors), "
         "merged into `model` when given, else into base_model.",
     )
@@ -112,7 +143,9 @@ def _policy(choices: tuple[str, ...]):
 
 
 SharedDeltas = Annotated[Union[Literal["average", "drop"], FromExpert], _policy(("average", "drop"))]
-Embeddings = Annotated[Union[Literal["base"], FromExpert], _policy(("base",))]
+BaseOrExpert = Annotated[Union[Literal["base"], FromExpert], _policy(("base",))]
+Embeddings = BaseOrExpert
+SharedExpertPolicy = Annotated[Union[Literal["none", "base"], FromExpert], _policy(("none", "base"))]
 
 
 DATA_MODES = ("hidden", "trained")
@@ -124,27 +157,31 @@ class TrainSpec(_Strict):
     objective: Literal["domain", "lm"] = Field(
         "domain", description="domain: each layer's router learns to pick the expert whose data a token came from "
         "(cross-entropy on that layer's router inputs, layer by layer; cheap). lm: next-token loss of the MoE "
-        "plus Mixtral's load-balancing loss, run and back-propagated one layer at a time (memory: one layer).",
+        "plus the output format's load-balancing loss, run and back-propagated one layer at a time (memory: one layer).",
     )
     init: Literal["hidden", "zeros", "domain"] = Field(
         "hidden", description="Start from the hidden-mode routers, from zeros, or (objective lm) from routers first "
         "trained with objective domain from the hidden ones (a domain-classifier init).",
     )
-    steps: int = Field(300, ge=1, description="Optimizer steps (per layer for objective domain).")
-    lr: float = Field(3e-3, gt=0, description="Adam learning rate.")
-    batch_size: int = Field(8, ge=1, description="Sequences of seq_len tokens per step.")
-    held_out: float = Field(0.1, ge=0, lt=1, description="Share of each expert's documents kept out of training "
+    steps: Int = Field(300, ge=1, description="Optimizer steps (per layer for objective domain).")
+    lr: Float = Field(3e-3, gt=0, description="Adam learning rate (at most 1).")
+    batch_size: Int = Field(8, ge=1, description="Sequences of seq_len tokens per step (batch_size x seq_len at "
+                            f"most {MAX_TOKENS_PER_STEP}).")
+    held_out: Float = Field(0.1, ge=0, lt=1, description="Share of each expert's documents kept out of training "
                             "and used to report routing accuracy per layer.")
 
     @model_validator(mode="after")
     def _domain_init_for_lm(self) -> "TrainSpec":
+        if self.lr > 1:
+            raise _FieldError("lr", f"{self.lr} is too large: Adam moves each router weight by about lr per step "
+                              "and router weights are of order 1, so anything above 1 diverges (default 3e-3)")
         if self.init == "domain" and self.objective != "lm":
             raise ValueError("init domain applies to objective lm (objective domain starts from hidden or zeros)")
         return self
 
 
 class RouterSpec(_Strict):
-    """How each layer's router (block_sparse_moe.gate) is made."""
+    """How each layer's router (one row per expert) is made."""
 
     mode: Literal["gateless", "noisy", "random", "hidden", "trained"] = Field(
         "gateless",
@@ -153,20 +190,20 @@ class RouterSpec(_Strict):
         "hidden: rows are the base's pooled router inputs on each expert's data (mergekit's hidden / hidden_avg, "
         "taken at the real router input). trained: rows trained on the experts' data (router.train).",
     )
-    experts_per_token: Optional[int] = Field(
+    experts_per_token: Optional[Int] = Field(
         None, ge=1, description="top-k for noisy/random (default 2); gateless always uses all experts."
     )
-    std: Optional[float] = Field(None, gt=0, description="noisy: standard deviation; default: the base's initializer_range.")
-    seed: int = Field(0, description="Seed of the random routers; same recipe and seed give identical files.")
+    std: Optional[Float] = Field(None, gt=0, description="noisy: standard deviation; default: the base's initializer_range.")
+    seed: Seed = Field(0, description="Seed of the random routers; same recipe and seed give identical files.")
     pooling: Optional[Literal["last", "mean"]] = Field(
         None, description="hidden: pool each document's router inputs by its last token (mergekit's hidden) or "
         "their mean (mergekit's hidden_avg); default last. trained with init hidden: the init's pooling.",
     )
-    max_tokens: int = Field(
+    max_tokens: Int = Field(
         20_000, ge=1, description="hidden/trained: most tokens taken from each expert's prompts and data "
         "(per-expert max_tokens overrides).",
     )
-    seq_len: int = Field(
+    seq_len: Int = Field(
         128, ge=2, description="hidden/trained: documents longer than this are cut into pieces of this many tokens.",
     )
     train: Optional[TrainSpec] = Field(None, description="trained: how the routers are trained (defaults if omitted).")
@@ -179,6 +216,11 @@ class RouterSpec(_Strict):
             raise ValueError(f"pooling applies to modes {', '.join(DATA_MODES)}, not {self.mode!r}")
         if self.train is not None and self.mode != "trained":
             raise ValueError(f"train applies to mode 'trained' only, not {self.mode!r}")
+        tokens = self.training.batch_size * self.seq_len
+        if self.mode == "trained" and tokens > MAX_TOKENS_PER_STEP:
+            raise _FieldError("train.batch_size", f"{self.training.batch_size} sequences of seq_len {self.seq_len} "
+                              f"tokens are {tokens} tokens per step; at most {MAX_TOKENS_PER_STEP} (a step holds them "
+                              "and their activations in memory)")
         return self
 
     @property
@@ -213,7 +255,7 @@ class StemSpec(_Strict):
     parameters: dict[str, Any] = Field({}, description="The method's parameters, defaults for every model.")
     models: Optional[list[Annotated[StemModel, BeforeValidator(_stem_model)]]] = Field(
         None, description="The merged models, in order; default: every expert.")
-    seed: int = Field(0, description="Seed of randomized methods (dare_*, della): same recipe, same bytes.")
+    seed: Seed = Field(0, description="Seed of randomized methods (dare_*, della): same recipe, same bytes.")
 
 
 def _stem_base(value: object) -> object:
@@ -232,14 +274,38 @@ def _stem_schema(schema: dict) -> None:
 
 
 class OutputSpec(_Strict):
+    architecture: Optional[Literal[FORMAT_NAMES]] = Field(
+        None, description=f"The output format (its model_type); default: the base family's ({format_defaults()}). "
+        "`mergekit-mode validate` names the one chosen.")
     shard_size: ByteSize = Field(parse_size("2GB"), description="Largest safetensors shard, e.g. 2GB or 500MB.")
+
+
+def _check_list(value: object) -> object:
+    """`checks:` may be one mapping (one check) or a list of them."""
+    return [value] if isinstance(value, dict) else value
+
+
+class CheckSpec(_Strict):
+    """A quality gate the build runs on the finished model before it is renamed into place."""
+
+    against: Literal["experts", "base"] = Field(
+        "experts", description="experts: each domain against the expert of the same name (adapters merged in "
+        "memory); base: every domain against the base model.")
+    max_ratio: float = Field(gt=0, description="A domain fails when its perplexity is above max_ratio times the "
+                             "reference's.")
+    data: dict[str, Path] = Field(min_length=1, description="Held-out text per domain, NAME: FILE (plain text, one "
+                                  "document per line, or .jsonl with 'text'); with against: experts, NAME is an "
+                                  "expert's name.")
+    ctx: int = Field(128, ge=2, description="Window length in tokens (as for `mergekit-mode eval`).")
+    max_tokens: int = Field(50_000, ge=1, description="Tokens read from the start of each file.")
+    batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
 
 
 class Recipe(_Strict):
     """A Mixture-of-Domain-Experts recipe."""
 
     merge_method: Literal["mode"] = "mode"
-    base_model: Path = Field(description="Model folder that gives attention, embeddings, norms, lm_head and tokenizer.")
+    base_model: FilePath = Field(description="Model folder that gives attention, embeddings, norms, lm_head and tokenizer.")
     dtype: Optional[DType] = Field(None, description="Output dtype; default: the base's.")
     experts: list[ExpertSpec] = Field(min_length=2, description="Two or more experts; each brings its MLP.")
     router: RouterSpec = RouterSpec()
@@ -250,15 +316,31 @@ class Recipe(_Strict):
     shared_deltas: SharedDeltas = Field(
         "average",
         description="With stem: base, what adapters' changes outside the MLP (attention, norms) become, as "
-        "Mixtral shares them: "
+        "the output's experts share them: "
         "average: the base plus the mean of the adapter experts' changes (an adapter that leaves a tensor alone "
         "counts as a zero change; full fine-tunes give only their MLP); drop: the base's; "
         "{from: <expert>}: that expert's tensors.",
     )
+    chat_template: BaseOrExpert = Field(
+        "base", description="Which folder's tokenizer settings the output carries: chat template, eos/pad tokens "
+        "(tokenizer_config.json, special_tokens_map.json, chat_template.jinja/.json): base or {from: <expert>}. "
+        "Vocabularies must be equal anyway (checked).")
+    generation_config: BaseOrExpert = Field(
+        "base", description="Which folder's generation_config.json the output carries: base or {from: <expert>}.")
+    checks: Annotated[list[CheckSpec], BeforeValidator(_check_list)] = Field(
+        [], description="Quality gates run after writing and before the output is renamed into place: a failed "
+        "check leaves no output (build --keep-failed keeps it).")
     embeddings: Optional[Embeddings] = Field(
         None,
         description="With stem: base, needed when an adapter changes embed_tokens or lm_head (LoRA target or "
-        "modules_to_save), which Mixtral shares: base: keep the base's; {from: <expert>}: that expert's.",
+        "modules_to_save), which the experts share: base: keep the base's; {from: <expert>}: that expert's.",
+    )
+    shared_expert: Optional[SharedExpertPolicy] = Field(
+        None,
+        description="Formats with a shared expert (qwen2_moe), which adds sigmoid(gate . x) * shared_mlp(x) to the "
+        "routed experts on every token: none (default): an all-zero shared MLP, so the block is the routed mixture; "
+        "base: the base's MLP; {from: <expert>}: that expert's MLP. Its gate starts near 0 (weight about 0.5) and "
+        "router.train objective lm learns it.",
     )
 
     @model_validator(mode="after")
@@ -277,12 +359,24 @@ class Recipe(_Strict):
                 if not expert.has_data:
                     raise _FieldError(f"experts[{i}]", f"router.mode {self.router.mode} needs data: or prompts: "
                                       "on every expert")
-        for key, policy in (("shared_deltas", self.shared_deltas), ("embeddings", self.embeddings)):
-            if self.stem is not None and key in self.model_fields_set:
+        policies = (("shared_deltas", self.shared_deltas), ("embeddings", self.embeddings),
+                    ("shared_expert", self.shared_expert))
+        for key, policy in policies:
+            if self.stem is not None and key in self.model_fields_set and key != "shared_expert":
                 raise _FieldError(key, "applies with `stem: base` only; a stem merge takes each adapter expert's "
                                   "merged weights as that model's")
             if isinstance(policy, FromExpert) and policy.from_ not in seen:
                 raise _FieldError(f"{key}.from", f"{policy.from_!r} is not the name of an expert ({', '.join(seen)})")
+        for key in ("chat_template", "generation_config"):
+            policy = getattr(self, key)
+            if isinstance(policy, FromExpert) and policy.from_ not in seen:
+                raise _FieldError(f"{key}.from", f"{policy.from_!r} is not the name of an expert ({', '.join(seen)})")
+        for i, check in enumerate(self.checks):
+            if check.against == "experts":
+                for name in check.data:
+                    if name not in seen:
+                        raise _FieldError(f"checks[{i}].data.{name}", f"with against: experts, a domain is named "
+                                          f"after its expert ({', '.join(seen)})")
         k = self.router.experts_per_token
         if k is not None and k > len(self.experts):
             raise _FieldError("router.experts_per_token", f"{k} is more than the {len(self.experts)} experts")
@@ -339,8 +433,9 @@ def parse_recipe(data: object, source: str) -> Recipe:
         errors = e.errors()
         first = errors[0]
         ctx_err = (first.get("ctx") or {}).get("error")
-        if isinstance(ctx_err, _FieldError):
-            raise ModeError(f"{source}: {ctx_err.field}: {ctx_err.message}") from None
+        if isinstance(ctx_err, _FieldError):  # its field is relative to the model that raised it
+            field = ".".join(filter(None, (format_loc(first["loc"]), ctx_err.field)))
+            raise ModeError(f"{source}: {field}: {ctx_err.message}") from None
         loc = format_loc(first["loc"]) or "recipe"
         msg = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
@@ -351,20 +446,50 @@ def parse_recipe(data: object, source: str) -> Recipe:
         raise ModeError(f"{source}: {loc}: {msg}{more}") from None
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: the plain
+    loader keeps the last, so `base_model: base` then `base_model: e1` would build from e1."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[object, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may override, by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = lines.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise _DuplicateKey(f"key {key!r} is given twice (lines {first} and {key_node.start_mark.line + 1}); "
+                                    "give it once")
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, source: str) -> object:
+    """YAML data from recipe text; duplicate keys and syntax errors become one line naming `source`."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise ModeError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise ModeError(f"{source}: not valid YAML{line}: {getattr(e, 'problem', e)}") from None
+
+
 def load_recipe(path: Path) -> LoadedRecipe:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_small_file(path).decode("utf-8")
     except FileNotFoundError:
         raise ModeError(f"{path}: recipe file does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ModeError(f"{path}: cannot read recipe ({e})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where else ""
-        raise ModeError(f"{path}: not valid YAML{line}: {getattr(e, 'problem', e)}") from None
-    return LoadedRecipe(recipe=parse_recipe(data, str(path)), path=path, text=text)
+    return LoadedRecipe(recipe=parse_recipe(load_yaml(text, str(path)), str(path)), path=path, text=text)
 
 
 def json_schema() -> dict:

@@ -6,8 +6,9 @@ Two objectives:
   layer l's router sees the router inputs that layer l of the finished model will see (its
   earlier layers already route with their trained routers), not the dense base's. Cheap: a
   layer and the activations in memory, a few hundred small Adam steps per layer.
-- lm: the MoE's next-token loss plus Mixtral's load-balancing loss (MixtralForCausalLM's
-  training loss), gradients into the router weights only, run one layer at a time forward and
+- lm: the MoE's next-token loss plus its load-balancing loss (the training loss of the output
+  format's transformers class), gradients into the router weights (and the shared expert's gates
+  in formats that have one) only, run one layer at a time forward and
   backward (streamed.py), so memory is one layer, not the model. CONTEXT.md measured that domain
   accuracy alone (85-97% per layer) can still cost perplexity when experts are poor outside their
   domain; this objective trains what matters (300 steps, batch 8 x 128, lr 3e-3 from a
@@ -27,9 +28,9 @@ from tqdm import tqdm
 from mergekit_mode.calibration import ExpertTexts, Sequence
 from mergekit_mode.inputs import TensorReader
 from mergekit_mode.layerwise import Batch, LayerStream, PlanWeights, pack
-from mergekit_mode.plan import BASE, Plan
+from mergekit_mode.plan import BASE, Gates, Plan
 from mergekit_mode.recipe import TrainSpec
-from mergekit_mode.routers import STREAM_BATCH, RouterContext
+from mergekit_mode.routers import STREAM_BATCH, RouterContext, shared_gates
 from mergekit_mode.streamed import MoeShape, StreamedLM
 
 
@@ -70,7 +71,8 @@ def train_domain(
     fitted router to feed the next layer (attention runs once: its output does not depend on
     the router being fitted)."""
     spec = plan.recipe.recipe.router.training
-    top_k = int(plan.config["num_experts_per_tok"])
+    top_k = plan.top_k
+    shared = shared_gates(plan)
     train_seqs, train_labels = _labelled(texts, held_out=False)
     held_seqs, held_labels = _labelled(texts, held_out=True)
     batches = pack(train_seqs + held_seqs, plan.recipe.recipe.router.seq_len, STREAM_BATCH)
@@ -85,7 +87,7 @@ def train_domain(
         hidden = stream.embed()
         for index in range(stream.num_layers):
             router = init[index].clone().to(ctx.device)
-            layer = stream.moe_layer(index, router, len(router), top_k)
+            layer = stream.decoder_layer(index, stream.moe(plan, index, router, shared[index] if shared else None))
             with torch.no_grad():
                 residual = [stream.attend(layer, h.to(ctx.device), b) for h, b in zip(hidden, batches)]
                 router_inputs = [layer.post_attention_layernorm(r) for r in residual]
@@ -124,22 +126,25 @@ def _fit(x: torch.Tensor, y: torch.Tensor, init: torch.Tensor, spec: TrainSpec, 
     return weight.detach().cpu()
 
 
-def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx: RouterContext) -> list[torch.Tensor]:
-    """Next-token loss plus load balancing of the MoE (MixtralForCausalLM's training loss), Adam on
-    the router weights only, the model run and back-propagated one layer at a time (streamed.py):
+def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx: RouterContext) -> Gates:
+    """Next-token loss plus load balancing of the MoE (the training loss of the format's
+    transformers class), Adam on the router weights only, and on the shared expert's gates in
+    formats that have one; the model run and back-propagated one layer at a time (streamed.py):
     memory is one layer and the activations of one batch, whatever the depth. Each step's
     sequences are packed into rows of seq_len tokens, so padding costs nothing."""
     spec = plan.recipe.recipe.router.training
-    top_k = int(plan.config["num_experts_per_tok"])
+    top_k = plan.top_k
     routers = [r.clone().to(ctx.device).requires_grad_(True) for r in init]
-    opt = torch.optim.Adam(routers, lr=spec.lr)
+    shared = [g.clone().to(ctx.device).requires_grad_(True) for g in shared_gates(plan)]
+    opt = torch.optim.Adam(routers + shared, lr=spec.lr)
     train_seqs, _ = _labelled(texts, held_out=False)
     rng = random.Random(plan.recipe.recipe.router.seed)
     seq_len = plan.recipe.recipe.router.seq_len
     with TensorReader() as reader, _progress(spec.steps, "Training routers (lm)", ctx.quiet) as bar:
-        stream = LayerStream(plan.inputs[BASE], PlanWeights(plan, reader, ctx.device), [], ctx.device, ctx.dtype)
+        stream = LayerStream(plan.inputs[BASE], PlanWeights(plan, reader, ctx.device), [], ctx.device, ctx.dtype,
+                             moe_format=plan.format)
         stream.keep_rows(torch.tensor([t for seq in train_seqs for t in seq], dtype=torch.long))
-        lm = StreamedLM(stream, MoeShape(len(init[0]), top_k), routers)
+        lm = StreamedLM(stream, MoeShape(plan.num_experts, top_k), routers, shared or None)
         for _ in range(spec.steps):
             batch = pack(rng.choices(train_seqs, k=spec.batch_size), seq_len, spec.batch_size)[0]
             loss = lm.train_step(batch, float(plan.config["router_aux_loss_coef"]))
@@ -148,7 +153,7 @@ def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx
             bar.update()
             bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
         _report_lm_accuracy(lm, texts, seq_len, top_k)
-    return [r.detach().float().cpu() for r in routers]
+    return Gates([r.detach().float().cpu() for r in routers], [g.detach().float().cpu() for g in shared])
 
 
 def _report_lm_accuracy(lm: StreamedLM, texts: list[ExpertTexts], seq_len: int, top_k: int) -> None:

@@ -1,23 +1,27 @@
 """Router weights: one [num_experts, hidden_size] matrix per layer, made before the write pass.
 
 Routers are small (E x H per layer), so each mode computes all layers up front in float32; the
-executor casts them as it writes. Random modes draw from one seeded generator in layer order, so
-the same recipe gives the same bytes on every run and machine. The modes made from data (hidden,
-trained) run the base layer by layer over the experts' texts (see layerwise.py).
+executor casts them as it writes. Random modes draw each expert's row of each layer from a
+generator seeded by (seed, layer, expert name), so the same recipe gives the same bytes on every
+run and machine, and an edit that adds or drops an expert leaves the other rows as they were. The
+modes made from data (hidden, trained) run the base layer by layer over the experts' texts (see
+layerwise.py); a hidden row depends only on its own expert's texts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+import hashlib
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
-from mergekit_mode.calibration import ExpertTexts, Sequence, load_calibration, load_tokenizer
+from mergekit_mode.calibration import ExpertTexts, load_calibration, load_tokenizer
 from mergekit_mode.inputs import TensorReader
 from mergekit_mode.layerwise import Batch, FolderWeights, LayerStream, pack
-from mergekit_mode.plan import BASE, Plan
+from mergekit_mode.plan import BASE, Gates, Plan
 
 # Rows of seq_len tokens per forward batch of the layer-streamed base.
 STREAM_BATCH = 16
@@ -33,12 +37,13 @@ class RouterContext:
     dtype: torch.dtype = torch.float32
 
 
-RouterFn = Callable[[Plan, RouterContext], list[torch.Tensor]]
+# A mode's routers; a mode that also learns the shared expert's gates returns Gates.
+RouterFn = Callable[[Plan, RouterContext], "list[torch.Tensor] | Gates"]
 
 
 def _shape(plan: Plan) -> tuple[int, int, int]:
     cfg = plan.config
-    return int(cfg["num_hidden_layers"]), int(cfg["num_local_experts"]), int(cfg["hidden_size"])
+    return int(cfg["num_hidden_layers"]), plan.num_experts, int(cfg["hidden_size"])
 
 
 def gateless(plan: Plan, ctx: RouterContext) -> list[torch.Tensor]:
@@ -47,10 +52,19 @@ def gateless(plan: Plan, ctx: RouterContext) -> list[torch.Tensor]:
     return [torch.zeros(experts, hidden) for _ in range(layers)]
 
 
+def normal_row(seed: int, layer: int, name: str, hidden: int) -> torch.Tensor:
+    """Expert `name`'s row in `layer`: standard normal draws from a generator of its own, seeded by
+    (seed, layer, name). A row depends on nothing else, so adding, dropping, replacing or reordering
+    experts leaves every other expert's row as it was (what `edit` relies on)."""
+    digest = hashlib.sha256(f"{seed}:{layer}:{name}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:7], "little"))
+    return torch.randn(hidden, generator=gen)
+
+
 def _normal(plan: Plan, std: float) -> list[torch.Tensor]:
-    layers, experts, hidden = _shape(plan)
-    gen = torch.Generator().manual_seed(plan.recipe.recipe.router.seed)
-    return [torch.randn(experts, hidden, generator=gen) * std for _ in range(layers)]
+    layers, _, hidden = _shape(plan)
+    seed, names = plan.recipe.recipe.router.seed, plan.recipe.recipe.expert_names
+    return [torch.stack([normal_row(seed, layer, name, hidden) for name in names]) * std for layer in range(layers)]
 
 
 def noisy(plan: Plan, ctx: RouterContext) -> list[torch.Tensor]:
@@ -76,38 +90,45 @@ def _pool(router_inputs: torch.Tensor, batch: Batch, pooling: str) -> torch.Tens
     return batch.last(router_inputs) if pooling == "last" else batch.mean(router_inputs)
 
 
-def hidden_rows(plan: Plan, texts: list[ExpertTexts], pooling: str, ctx: RouterContext) -> list[torch.Tensor]:
+def hidden_rows(plan: Plan, texts: list[ExpertTexts], pooling: str, ctx: RouterContext,
+                experts: Optional[list[int]] = None) -> list[torch.Tensor]:
     """mergekit's hidden/hidden_avg at the real router input: per layer and expert, the mean over
     the expert's documents of the pooled post_attention_layernorm output of the base, minus the
-    same mean over its negative prompts, L2-normalised."""
-    sequences: list[Sequence] = []
-    owners: list[tuple[int, int]] = []  # (expert, +1 positive / -1 negative) per sequence
-    for e, t in enumerate(texts):
-        sequences += t.train + t.negative
-        owners += [(e, 1)] * len(t.train) + [(e, -1)] * len(t.negative)
-    num_experts = len(texts)
-    rows = []
+    same mean over its negative prompts, L2-normalised.
+
+    Rows of `experts` (default: all), [len(experts), hidden] per layer. Each expert's documents are
+    batched apart from the others', so its row is the same bytes whichever experts are computed
+    with it: `edit` computes only the rows an edit needs."""
+    chosen = list(range(len(texts))) if experts is None else experts
     seq_len = plan.recipe.recipe.router.seq_len
+    batches: list[Batch] = []
+    owners: list[tuple[int, int]] = []  # (expert, +1 positive / -1 negative) per sequence
+    for e in chosen:
+        mine = texts[e].train + texts[e].negative
+        batches += [replace(b, seq=b.seq + len(owners)) for b in pack(mine, seq_len, STREAM_BATCH)]
+        owners += [(e, 1)] * len(texts[e].train) + [(e, -1)] * len(texts[e].negative)
+    rows = []
     with TensorReader() as reader:
         weights = FolderWeights(plan.inputs[BASE], reader)
-        stream = LayerStream(plan.inputs[BASE], weights, pack(sequences, seq_len, STREAM_BATCH), ctx.device, ctx.dtype)
+        stream = LayerStream(plan.inputs[BASE], weights, batches, ctx.device, ctx.dtype)
         hidden = stream.embed()
         for index in _layers(stream.num_layers, "hidden states", ctx):
             hidden, router_inputs = stream.run(stream.decoder_layer(index), hidden)
-            pooled = torch.empty(len(sequences), stream.hidden_size)
-            for r, b in zip(router_inputs, stream.batches):
+            pooled = torch.empty(len(owners), stream.hidden_size)
+            for r, b in zip(router_inputs, batches):
                 pooled[b.seq] = _pool(r, b, pooling)
-            rows.append(_signed_means(pooled, owners, num_experts))
+            rows.append(_signed_means(pooled, owners, chosen))
     return rows
 
 
-def _signed_means(pooled: torch.Tensor, owners: list[tuple[int, int]], num_experts: int) -> torch.Tensor:
-    row = torch.zeros(num_experts, pooled.shape[1])
-    for e in range(num_experts):
+def _signed_means(pooled: torch.Tensor, owners: list[tuple[int, int]], experts: list[int]) -> torch.Tensor:
+    """Each expert's row: mean of its pooled documents minus the mean of its negatives, unit length."""
+    row = torch.zeros(len(experts), pooled.shape[1])
+    for i, e in enumerate(experts):
         for sign in (1, -1):
-            picked = [i for i, owner in enumerate(owners) if owner == (e, sign)]
+            picked = [k for k, owner in enumerate(owners) if owner == (e, sign)]
             if picked:
-                row[e] += sign * pooled[picked].mean(0)
+                row[i] += sign * pooled[picked].mean(0)
     return row / row.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
 
@@ -119,7 +140,7 @@ def hidden(plan: Plan, ctx: RouterContext) -> list[torch.Tensor]:
     return hidden_rows(plan, calibration(plan), plan.recipe.recipe.router.pooling or "last", ctx)
 
 
-def trained(plan: Plan, ctx: RouterContext) -> list[torch.Tensor]:
+def trained(plan: Plan, ctx: RouterContext) -> list[torch.Tensor] | Gates:
     """Routers trained on the experts' data (router.train), from the hidden rows or zeros."""
     from mergekit_mode import router_training
 
@@ -138,5 +159,25 @@ ROUTERS: dict[str, RouterFn] = {
 }
 
 
-def make_routers(plan: Plan, ctx: RouterContext = RouterContext()) -> list[torch.Tensor]:
-    return ROUTERS[plan.recipe.recipe.router.mode](plan, ctx)
+# Scale of the shared expert's initial gate row, relative to 1/sqrt(hidden_size): small, so the gate
+# sigmoid(g . x) starts at 0.5 within about 1e-3 on every token, and not zero, because llama.cpp
+# computes that sigmoid as silu(z) / z, which is 0/0 for an all-zero gate.
+SHARED_GATE_SCALE = 1e-3
+
+
+def shared_gates(plan: Plan) -> list[torch.Tensor]:
+    """The shared expert's gate rows [1, hidden] per layer before any training (none without one)."""
+    if plan.shared is None:
+        return []
+    layers, _, hidden = _shape(plan)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"shared-gate:{plan.recipe.recipe.router.seed}".encode()))
+    return [torch.randn(1, hidden, generator=gen) * (SHARED_GATE_SCALE / hidden ** 0.5) for _ in range(layers)]
+
+
+def as_gates(plan: Plan, made: "list[torch.Tensor] | Gates") -> Gates:
+    """A mode's result with the shared expert's untrained gates where the mode made none."""
+    return made if isinstance(made, Gates) else Gates(made, shared_gates(plan))
+
+
+def make_routers(plan: Plan, ctx: RouterContext = RouterContext()) -> Gates:
+    return as_gates(plan, ROUTERS[plan.recipe.recipe.router.mode](plan, ctx))

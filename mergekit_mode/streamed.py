@@ -12,10 +12,11 @@ last hidden state, computed by hand chunk by chunk; then, from the top layer dow
 read again, re-run from what was saved with autograd, and back-propagated with the gradient from
 above, which yields its router's gradient and the gradient for the layer below. The re-run skips
 what back-propagation does not need: the outputs of the experts' down projections and of o_proj
-(their input gradients are one matmul each, done without autograd; see MoeMlp.grad_surrogate),
+(their input gradients are one matmul each, done without autograd; see SparseMoeBlock.grad_surrogate),
 and layer 0's attention (the embedding needs no gradient). The loss is
-transformers' MixtralForCausalLM loss (mean next-token cross-entropy over the real tokens plus
-router_aux_loss_coef times its load-balancing loss over all layers); the balancing loss couples
+the training loss of the output format's transformers class (every format's: mean next-token
+cross-entropy over the real tokens plus router_aux_loss_coef times the load-balancing loss over
+all layers); the balancing loss couples
 the layers only through each expert's top-k count over all layers, which the forward sweep
 knows, so each layer's share of its gradient is local.
 """
@@ -26,10 +27,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mergekit_mode.formats import mixtral
+from mergekit_mode.formats import families
 from mergekit_mode.layerwise import Batch, LayerStream
 
 # Logits computed at once by the head: tokens x vocab floats (32 MB), whatever the batch.
@@ -47,8 +47,8 @@ class Head:
     @classmethod
     def load(cls, stream: LayerStream) -> "Head":
         tied = bool(getattr(stream.config, "tie_word_embeddings", False))
-        weight = stream.weights(mixtral.EMBED if tied else mixtral.LM_HEAD)
-        norm = stream.weights(mixtral.FINAL_NORM)
+        weight = stream.weights((families.EMBED if tied else families.LM_HEAD).name)
+        norm = stream.weights(families.FINAL_NORM.name)
         return cls(norm.to(stream.device, torch.float32), weight.to(stream.device, stream.dtype),
                    float(stream.config.rms_norm_eps))
 
@@ -85,12 +85,14 @@ class MoeShape:
 
 
 class StreamedLM:
-    """The stream's model: dense layers, or MoE layers with `routers` (one [experts, hidden]
-    tensor per layer; a trainer passes leaves that require grad)."""
+    """The stream's model: dense layers, or MoE layers (in the stream's moe_format) with `routers`
+    (one [experts, hidden] tensor per layer) and, in formats with a shared expert, `shared_gates`
+    (one [1, hidden] per layer); a trainer passes leaves that require grad."""
 
     def __init__(self, stream: LayerStream, moe: Optional[MoeShape] = None,
-                 routers: Optional[list[torch.Tensor]] = None) -> None:
-        self.stream, self.moe, self.routers = stream, moe, routers
+                 routers: Optional[list[torch.Tensor]] = None, shared_gates: Optional[list[torch.Tensor]] = None
+                 ) -> None:
+        self.stream, self.moe, self.routers, self.shared_gates = stream, moe, routers, shared_gates
         self.device = stream.device
         self._head: Optional[Head] = None
 
@@ -101,11 +103,18 @@ class StreamedLM:
             self._head = Head.load(self.stream)
         return self._head
 
-    def layer(self, index: int, router: Optional[torch.Tensor] = None) -> nn.Module:
+    def layer(self, index: int, grad: bool = False) -> nn.Module:
+        """Decoder layer `index`; with `grad`, its MoE block uses the trainer's leaves themselves."""
         if self.moe is None:
             return self.stream.decoder_layer(index)
-        router = self.routers[index].detach() if router is None else router
-        return self.stream.moe_layer(index, router, self.moe.num_experts, self.moe.top_k)
+
+        def mine(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return t if grad or t is None else t.detach()
+
+        gate = self.shared_gates[index] if self.shared_gates else None
+        block = self.stream.moe_block(self.stream.moe_format, index, mine(self.routers[index]), self.moe.num_experts,
+                                      self.moe.top_k, mine(gate))
+        return self.stream.decoder_layer(index, block)
 
     @torch.no_grad()
     def forward(self, batches: list[Batch], progress: Callable[[float], None] = lambda _: None,
@@ -135,8 +144,8 @@ class StreamedLM:
         return loss, scored
 
     def train_step(self, batch: Batch, aux_coef: float) -> float:
-        """One forward-backward of MixtralForCausalLM's loss on `batch`: the routers' `.grad`
-        receive its gradient (accumulated). Returns the loss."""
+        """One forward-backward of the format's training loss on `batch`: the routers' (and shared
+        gates') `.grad` receive its gradient (accumulated). Returns the loss."""
         stream, moe = self.stream, self.moe
         targets = batch.targets().to(self.device)
         keep = targets.reshape(-1) != -100
@@ -161,7 +170,7 @@ class StreamedLM:
         aux = 0.0
         for index in reversed(range(stream.num_layers)):
             x, residual = saved.pop()
-            layer = self.layer(index, self.routers[index])
+            layer = self.layer(index, grad=True)
             with torch.enable_grad():
                 # the MoE block: its router's gradient, and the gradient at its residual input
                 residual.requires_grad_(index > 0)

@@ -23,11 +23,12 @@ from typing import get_args
 
 import yaml
 
-from mergekit_mode.build import compute_dtype, parse_device, write_model
+from mergekit_mode.build import check_apart, compute_dtype, parse_device, write_model
 from mergekit_mode.errors import ModeError
 from mergekit_mode.evaluate import DomainResult, check_ctx, evaluate_streams, tokenize_domains
 from mergekit_mode.plan import BASE, Plan, build_plan
 from mergekit_mode.recipe import DATA_MODES, ExpertData, LoadedRecipe, RouterSpec, load_recipe, parse_recipe
+from mergekit_mode.safety import check_name_lengths
 from mergekit_mode.writer import check_destination
 
 MODES: tuple[str, ...] = get_args(RouterSpec.model_fields["mode"].annotation)
@@ -64,6 +65,7 @@ def variant(loaded: LoadedRecipe, mode: str) -> LoadedRecipe:
     data = yaml.safe_load(loaded.text)
     router = {k: v for k, v in (data.get("router") or {}).items() if k != "mode" and mode in _APPLIES.get(k, MODES)}
     data["router"] = {"mode": mode, **router}
+    data.pop("checks", None)  # the sweep's table is the comparison; one failing variant must not stop it
     if mode not in DATA_MODES:  # the built model's recipe should not claim text it was not made from
         data["experts"] = [{k: v for k, v in e.items() if k not in ExpertData.model_fields}
                            if isinstance(e, dict) else e for e in data.get("experts") or []]
@@ -71,9 +73,18 @@ def variant(loaded: LoadedRecipe, mode: str) -> LoadedRecipe:
     return LoadedRecipe(recipe=parse_recipe(data, f"{loaded.path} (router {mode})"), path=loaded.path, text=text)
 
 
-def plan_variants(recipe_path: Path, modes: list[str], out: Path, force: bool) -> dict[str, Plan]:
-    """Every variant planned and its OUT/<mode> checked, before any is built."""
+def plan_variants(recipe_path: Path, modes: list[str], out: Path, force: bool, data: dict[str, Path] | None = None,
+                  *, replace_foreign: bool = False) -> dict[str, Plan]:
+    """Every variant planned and its OUT/<mode> checked (apart from every input and --data file,
+    replaceable), before any is built or OUT is made."""
     loaded = load_recipe(recipe_path)
+    if out.is_symlink():
+        raise ModeError(f"{out}: output path is a symlink; give the real folder")
+    if out.exists() and not out.is_dir():
+        raise ModeError(f"{out}: exists and is not a folder")
+    if not out.absolute().parent.is_dir():
+        raise ModeError(f"{out}: parent folder {out.absolute().parent} does not exist")
+    also_read = {f"--data {name}": path for name, path in (data or {}).items()}
     plans = {}
     for mode in modes:
         recipe = variant(loaded, mode)  # its errors name the recipe and the mode already
@@ -81,28 +92,40 @@ def plan_variants(recipe_path: Path, modes: list[str], out: Path, force: bool) -
             plans[mode] = build_plan(recipe)
         except ModeError as e:
             raise ModeError(f"{recipe_path} (router {mode}): {e}") from None
+        check_apart(plans[mode], out / mode, also_read)
         if out.is_dir():
-            check_destination(out / mode, force, 0)
+            check_destination(out / mode, force, 0, replace_foreign=replace_foreign)
+        else:
+            check_name_lengths(out / mode, "OUT")
     return plans
 
 
 def sweep(plans: dict[str, Plan], out: Path, data: dict[str, Path], *, ctx: int, max_tokens: int, batch_size: int,
-          device: str, force: bool, quiet: bool, dtype: str = "float32") -> dict[str, dict[str, DomainResult]]:
+          device: str, force: bool, quiet: bool, replace_foreign: bool = False, dtype: str = "float32"
+          ) -> dict[str, dict[str, DomainResult]]:
     """Build every planned variant into OUT/<mode> and evaluate each on `data`: {mode: {domain: result}}.
 
     The text is read first, with the base's tokenizer (which every variant carries), so a bad
-    --data or --ctx fails before anything is built."""
+    --data or --ctx fails before anything is built. An OUT this run made is removed again if the
+    run fails before anything is in it."""
     check_ctx(ctx)
     streams = tokenize_domains(next(iter(plans.values())).inputs[BASE].path, data, max_tokens)
-    out.mkdir(parents=True, exist_ok=True)
+    made = not out.exists()
+    out.mkdir(exist_ok=True)
     results: dict[str, dict[str, DomainResult]] = {}
-    for mode, plan in plans.items():
-        if not quiet:
-            print(f"building {out / mode} ...", file=sys.stderr, flush=True)
-        write_model(plan, out / mode, force=force, device=device, quiet=quiet, dtype=dtype)
-        dev = parse_device(device)
-        results[mode] = evaluate_streams(out / mode, streams, ctx=ctx, batch_size=batch_size, device=dev,
-                                         dtype=compute_dtype(dtype, dev), quiet=quiet)
+    try:
+        for mode, plan in plans.items():
+            if not quiet:
+                print(f"building {out / mode} ...", file=sys.stderr, flush=True)
+            write_model(plan, out / mode, force=force, replace_foreign=replace_foreign, device=device, quiet=quiet,
+                        dtype=dtype)
+            dev = parse_device(device)
+            results[mode] = evaluate_streams(out / mode, streams, ctx=ctx, batch_size=batch_size, device=dev,
+                                             dtype=compute_dtype(dtype, dev), quiet=quiet)
+    except BaseException:
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        raise
     return results
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +11,8 @@ import pytest
 import yaml
 
 from mergekit_mode.cli import main
-from mergekit_mode.toy import DOMAINS, generate, make_expert, make_model, train_tokenizer
+from mergekit_mode.toy import (DOMAINS, DomainSuite, build_domain_suite, generate, make_expert, make_model,
+                               train_tokenizer)
 
 
 @dataclass
@@ -68,8 +71,56 @@ def mistral(tmp_path_factory, tokenizer_dir) -> Family:
     return _family(tmp_path_factory.mktemp("mistral"), tokenizer_dir, "mistral", 4, max_shard_size="100KB")
 
 
+@pytest.fixture(scope="session")
+def qwen2(tmp_path_factory, tokenizer_dir) -> Family:
+    """Tiny Qwen2 base (q/k/v biases, rope_theta 1e6 as Qwen2.5) with 3 experts."""
+    return _family(tmp_path_factory.mktemp("qwen2"), tokenizer_dir, "qwen2", 3, rope_theta=1e6)
+
+
+@pytest.fixture(scope="session")
+def qwen3(tmp_path_factory, tokenizer_dir) -> Family:
+    """Tiny Qwen3 base (q/k norms, tied embeddings as Qwen3-0.6B) with 3 experts."""
+    return _family(tmp_path_factory.mktemp("qwen3"), tokenizer_dir, "qwen3", 3, rope_theta=1e6,
+                   tie_word_embeddings=True)
+
+
 def write_recipe(path: Path, base: Path, experts: list[Path], names: list[str] | None = None, **extra) -> Path:
     specs = [{"model": str(e)} | ({"name": names[i]} if names else {}) for i, e in enumerate(experts)]
     recipe = {"base_model": str(base), "experts": specs, **extra}
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every entry under `root`, links not followed: file digests, link targets, folders (what a
+    run must leave as it was)."""
+    entries = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(folder) / name
+            key = str(p.relative_to(root))
+            if p.is_symlink():
+                entries[key] = "link -> " + os.readlink(p)
+            elif p.is_dir():
+                entries[key] = "folder"
+            else:
+                entries[key] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return entries
+
+
+@pytest.fixture(scope="session")
+def domain_suite(tmp_path_factory) -> DomainSuite:
+    """Three MLP-only domain experts trained here, one torch thread (about 20 s): experts that are
+    better than the base on their domain and worse elsewhere, so a router's quality shows."""
+    return build_domain_suite(
+        tmp_path_factory.mktemp("suite"), domains=("arithmetic", "dna", "prose"), hidden_size=64,
+        intermediate_size=128, num_layers=2, vocab_size=400, n_train_chars=20_000, n_eval_chars=4_000,
+        pretrain_steps=50, finetune_steps=50, num_threads=1,
+    )
+
+
+def suite_recipe(path: Path, suite: DomainSuite, **extra) -> Path:
+    """A recipe of the suite's experts, each with its training text as router data."""
+    experts = [{"name": d, "model": str(p), "data": str(suite.train_texts[d])} for d, p in suite.experts.items()]
+    path.write_text(yaml.safe_dump({"base_model": str(suite.base_dir), "experts": experts, **extra}, sort_keys=False))
     return path

@@ -140,7 +140,7 @@ def test_stem_merge_takes_adapter_experts_merged(work: Path, run_cli) -> None:
     full1 = load_file(work / "full1" / "model.safetensors")
     for key in ("model.layers.1.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
         close(out[key], (full1[key] + ref[key]) / 2)
-    assert not err
+    assert not [line for line in err.splitlines() if "has no tokenizer" not in line]  # this base has none
     _, err = build(work, experts, run_cli, stem={**stem, "models": ["full1", "full2"]})
     assert "stem.models: a's changes of 2 tensors are not used (first model.layers.0.self_attn.q_proj" in err
     result = run_cli("validate", write_recipe(work, experts, stem=stem, shared_deltas="drop"))
@@ -317,8 +317,8 @@ def _other_shape(work: Path) -> None:
         (lambda w: _edit_config(w / "a", layers_pattern="layers"), "adapter_config.json: not a valid LoRA config"),
         (lambda w: _edit_config(w / "a", rank_pattern={"gate_proj": "4"}),
          "adapter_config.json: rank_pattern['gate_proj'] must be a positive integer, not '4'"),
-        (lambda w: _add_lora_bias(w / "a", 0.5), "non-zero LoRA bias (lora_bias=True), but "
-                                                 "model.layers.0.mlp.gate_proj.weight has no bias in Mixtral"),
+        (lambda w: _add_lora_bias(w / "a", 0.5), "non-zero LoRA bias (lora_bias=True) on "
+                                                 "model.layers.0.mlp.gate_proj.weight; LoRA biases are not merged"),
         (lambda w: _other_shape(w), "experts[1].adapter: LoRA on model.layers.0.mlp.gate_proj fits a weight of shape "
                                     "[96, 64], {base} has [128, 64]"),
         (lambda w: (w / "a" / "adapter_config.json").unlink(), "adapter_config.json does not exist"),

@@ -12,7 +12,7 @@ from mergekit_mode import __version__
 def test_help_lists_every_command(run_cli):
     result = run_cli("--help")
     assert result.code == 0
-    for command in ("build", "validate", "schema", "demo", "export-gguf", "eval", "report"):
+    for command in ("build", "validate", "schema", "demo", "export-gguf", "eval", "report", "check", "edit"):
         assert command in result.out
     assert "mergekit-mode RECIPE.yml OUT/" in result.out
 

@@ -106,7 +106,8 @@ def test_unsupported_base_architecture(llama, tmp_path, run_cli):
     cfg["model_type"] = "gpt2"
     (bad / "config.json").write_text(json.dumps(cfg))
     recipe = write_recipe(tmp_path / "r.yml", bad, llama.experts)
-    expect_error(run_cli("validate", recipe), "base_model", "'gpt2'", "llama or mistral")
+    expect_error(run_cli("validate", recipe), "base_model", "'gpt2'", "fused attention",
+                 "llama, mistral, qwen2, qwen3")
 
 
 def test_unparsable_config(llama, tmp_path, run_cli):
@@ -132,8 +133,11 @@ def test_non_empty_output_needs_force(recipe, tmp_path, run_cli):
     (out / "keep.txt").write_text("mine")
     expect_error(run_cli(recipe, out, "-q"), str(out), "not empty", "--force")
     assert (out / "keep.txt").read_text() == "mine"
-    assert run_cli(recipe, out, "-q", "--force").code == 0
+    expect_error(run_cli(recipe, out, "-q", "--force"), "not a mergekit-mode output", "--force-foreign")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert run_cli(recipe, out, "-q", "--force-foreign").code == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert run_cli(recipe, out, "-q", "--force").code == 0  # now ours: --force replaces it
     no_litter(tmp_path)
 
 

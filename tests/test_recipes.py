@@ -17,12 +17,14 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yml"))
 @pytest.fixture(scope="module")
 def demo_layout(tmp_path_factory, tokenizer_dir) -> Path:
     """tmp/demo-out/{base,experts/<domain>,data/train/<domain>.txt} like `mergekit-mode demo` leaves, the adapters
-    recipes/adapters.yml asks for, and tmp/recipes/."""
+    recipes/adapters.yml asks for, the same for Qwen2 and Qwen3 bases (`demo --arch`) in tmp/demo-qwen2/ and
+    tmp/demo-qwen3/, and tmp/recipes/."""
     root = tmp_path_factory.mktemp("layout")
-    base = make_model(root / "demo-out" / "base", tokenizer_dir=tokenizer_dir, vocab_size=512)
-    for i, d in enumerate(DOMAINS):
-        make_expert(base, root / "demo-out" / "experts" / d, seed=i)
-        write_corpus(d, root / "demo-out" / "data" / "train" / f"{d}.txt", 6_000, seed=i)
+    for arch, folder in (("llama", "demo-out"), ("qwen2", "demo-qwen2"), ("qwen3", "demo-qwen3")):
+        base = make_model(root / folder / "base", arch, tokenizer_dir=tokenizer_dir, vocab_size=512)
+        for i, d in enumerate(DOMAINS):
+            make_expert(base, root / folder / "experts" / d, seed=i)
+            write_corpus(d, root / folder / "data" / "train" / f"{d}.txt", 6_000, seed=i)
     make_demo_adapters(root / "demo-out")
     shutil.copytree(RECIPES[0].parent, root / "recipes")
     return root

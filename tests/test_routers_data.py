@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mergekit_mode.calibration import tokenize_documents
 from mergekit_mode.inputs import ModelFolder, TensorReader
 from mergekit_mode.build import plan_recipe
-from mergekit_mode.layerwise import FolderWeights, LayerStream, MoeMlp, PlanWeights, make_batches
+from mergekit_mode.layerwise import FolderWeights, LayerStream, PlanWeights, make_batches
 from mergekit_mode.plan import BASE
 from mergekit_mode.toy import make_expert, make_model, write_corpus
 from mergekit_mode.toy.adapters import make_adapter
@@ -64,7 +64,7 @@ def _sequences(seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (17, 9, 12, 1, 17)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_layer_stream_equals_full_forward(tmp_path, tokenizer_dir, arch):
     """Right-padded batches, layer by layer, give the full model's numbers for every real token
     (Mistral with a sliding window shorter than the sequences, so the window mask matters)."""
@@ -81,7 +81,7 @@ def test_layer_stream_equals_full_forward(tmp_path, tokenizer_dir, arch):
 
 @pytest.mark.parametrize("kind", ["stem-merge", "adapters"])
 def test_layer_streamed_moe_equals_the_built_model(llama, tmp_path, run_cli, kind):
-    """What objective `domain` runs (the output's own tensors computed on demand, Mixtral's sparse
+    """What objective `domain` runs (the output's own tensors computed on demand, the format's sparse
     block over the experts' MLPs) reproduces the written MoE in transformers, top-2: with a linear
     stem over experts whose attention differs, and with LoRA adapter experts (merged MLPs, and the
     mean of their attention changes in the stem)."""
@@ -106,9 +106,9 @@ def test_layer_streamed_moe_equals_the_built_model(llama, tmp_path, run_cli, kin
     sequences = _sequences(1)
     cpu = torch.device("cpu")
 
-    def moe(index: int) -> MoeMlp:
+    def moe(index: int) -> torch.nn.Module:
         router = read_tensor(tmp_path / "out", f"model.layers.{index}.block_sparse_moe.gate.weight")
-        return MoeMlp(router, [stream.expert_mlp(index, e) for e in range(len(names))], 2)
+        return stream.moe(plan, index, router)
 
     with TensorReader() as reader:
         stream = LayerStream(plan.inputs[BASE], PlanWeights(plan, reader, cpu), make_batches(sequences, 2), cpu)

@@ -1,6 +1,7 @@
 """The layer-streamed model (streamed.py, layerwise.pack) against transformers' whole model: packed
-rows give each sequence's own numbers, and one training step gives MixtralForCausalLM's loss and
-its gradients with respect to every router."""
+rows give each sequence's own numbers, and one training step gives the loss of every output
+format's transformers class (MixtralForCausalLM, Qwen3MoeForCausalLM, Qwen2MoeForCausalLM) and its
+gradients with respect to every router and shared expert gate."""
 
 from __future__ import annotations
 
@@ -41,10 +42,10 @@ def test_pack_fills_rows_best_fit_decreasing():
     assert sum(len(b.ids) for b in batches) == 4
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_packed_rows_equal_each_sequence_alone(tmp_path, tokenizer_dir, arch):
     """Sequences sharing a row attend only to themselves with their own positions (Mistral with a
-    sliding window shorter than the sequences)."""
+    sliding window shorter than the sequences; Qwen2's q/k/v biases, Qwen3's q/k norms)."""
     base = make_model(tmp_path / arch, arch, num_layers=2, tokenizer_dir=tokenizer_dir, seed=3,
                       sliding_window=4 if arch == "mistral" else None)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
@@ -70,9 +71,9 @@ def test_packed_rows_equal_each_sequence_alone(tmp_path, tokenizer_dir, arch):
                                                rtol=1e-5, atol=1e-5)
 
 
-def _transformers_step(model, sequences: list[list[int]]) -> tuple[float, list[torch.Tensor]]:
-    """MixtralForCausalLM's training loss (labels, attention mask, router logits) on the sequences
-    right-padded one per row, and the gradient of every router weight."""
+def _transformers_step(model, sequences: list[list[int]], names: list[str]) -> tuple[float, list[torch.Tensor]]:
+    """The transformers model's training loss (labels, attention mask, router logits) on the
+    sequences right-padded one per row, and the gradient of each named parameter."""
     width = max(len(s) for s in sequences)
     ids = torch.zeros(len(sequences), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -80,44 +81,66 @@ def _transformers_step(model, sequences: list[list[int]]) -> tuple[float, list[t
         ids[row, :len(seq)] = torch.tensor(seq)
         mask[row, :len(seq)] = 1
     model.zero_grad()
-    gates = [layer.mlp.gate.weight for layer in model.model.layers]
+    params = [model.get_parameter(n) for n in names]
     model.requires_grad_(False)
-    for gate in gates:
-        gate.requires_grad_(True)
+    for p in params:
+        p.requires_grad_(True)
     out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), output_router_logits=True)
     out.loss.backward()
-    return float(out.loss), [g.grad.clone() for g in gates]
+    return float(out.loss.detach()), [p.grad.clone() for p in params]
 
 
-def test_streamed_training_step_equals_transformers_gradients(llama, tmp_path, run_cli):
+# base family -> (the transformers class that must load the output, recipe extras)
+FORMATS = {
+    "llama": ("MixtralForCausalLM", {}),
+    "qwen3": ("Qwen3MoeForCausalLM", {}),  # q/k norms, top-k rescaled
+    "qwen2": ("Qwen2MoeForCausalLM", {"shared_expert": "base"}),  # q/k/v biases, shared expert and its gate
+}
+
+
+@pytest.mark.parametrize("family", list(FORMATS))
+def test_streamed_training_step_equals_transformers_gradients(request, tmp_path, run_cli, family):
     """The layer-streamed forward-backward (packed rows, weights computed from the plan: two fine-tunes
-    and a LoRA adapter, top-2 of 3) gives the loss and router gradients of transformers' own
-    MixtralForCausalLM loaded from the written model."""
-    adapter = make_adapter(llama.base, tmp_path / "lora", seed=7, r=4, lora_alpha=8,
+    and a LoRA adapter, top-2 of 3) gives the loss and the router (and shared gate) gradients of the
+    format's own transformers class loaded from the written model."""
+    fam = request.getfixturevalue(family)
+    architecture, extra = FORMATS[family]
+    adapter = make_adapter(fam.base, tmp_path / "lora", seed=7, r=4, lora_alpha=8,
                            target_modules=["gate_proj", "up_proj", "down_proj"])
     recipe = tmp_path / "r.yml"
     recipe.write_text(yaml.safe_dump({
-        "base_model": str(llama.base),
-        "experts": [{"name": "a", "model": str(llama.experts[0])}, {"name": "b", "model": str(llama.experts[1])},
+        "base_model": str(fam.base),
+        "experts": [{"name": "a", "model": str(fam.experts[0])}, {"name": "b", "model": str(fam.experts[1])},
                     {"name": "c", "adapter": str(adapter)}],
-        "router": {"mode": "noisy", "experts_per_token": 2, "std": 0.5}}))
+        "router": {"mode": "noisy", "experts_per_token": 2, "std": 0.5}, **extra}))
     assert run_cli(recipe, tmp_path / "out", "-q").code == 0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert type(model).__name__ == architecture
+    shared = "shared_expert" in extra
+    names = [f"model.layers.{i}.mlp.gate.weight" for i in range(2)]
+    names += [f"model.layers.{i}.mlp.shared_expert_gate.weight" for i in range(2)] if shared else []
     sequences = _sequences([17, 5, 11, 3, 16, 8], seed=2)
-    expected_loss, expected_grads = _transformers_step(model, sequences)
+    expected_loss, expected_grads = _transformers_step(model, sequences, names)
 
     plan = plan_recipe(recipe)
     cpu = torch.device("cpu")
-    routers = [read_tensor(tmp_path / "out", f"model.layers.{i}.block_sparse_moe.gate.weight").requires_grad_(True)
-               for i in range(2)]
+    written = [model.get_parameter(n).detach().clone().requires_grad_(True) for n in names]
+    routers, gates = written[:2], written[2:]
+    if shared:  # a real shared gate: the written one is tiny, so the gate would hardly matter
+        with torch.no_grad():
+            for g in gates:
+                g.normal_(0, 0.5)
+        for g, n in zip(gates, names[2:]):
+            model.get_parameter(n).data.copy_(g.detach())
+        expected_loss, expected_grads = _transformers_step(model, sequences, names)
     with TensorReader() as reader:
-        stream = LayerStream(plan.inputs[BASE], PlanWeights(plan, reader, cpu), [], cpu)
-        lm = StreamedLM(stream, MoeShape(3, 2), routers)
+        stream = LayerStream(plan.inputs[BASE], PlanWeights(plan, reader, cpu), [], cpu, moe_format=plan.format)
+        lm = StreamedLM(stream, MoeShape(3, 2), routers, gates or None)
         batch = pack(sequences, 17, 8)[0]
         assert batch.packed
         loss = lm.train_step(batch, model.config.router_aux_loss_coef)
     assert loss == pytest.approx(expected_loss, rel=1e-5)
-    for got, expected in zip(routers, expected_grads):
+    for got, expected in zip(written, expected_grads):
         assert expected.abs().max() > 0
         torch.testing.assert_close(got.grad, expected, rtol=1e-4, atol=1e-7)
 

@@ -1,4 +1,4 @@
-"""Tiny random-weight Llama/Mistral checkpoints and cheap noisy "experts" of them.
+"""Tiny random-weight Llama/Mistral/Qwen2/Qwen3 checkpoints and cheap noisy "experts" of them.
 
 The checkpoints are real Hugging Face model folders (config.json, generation_config.json,
 safetensors, optional index and tokenizer files), so every code path the project exercises
@@ -21,6 +21,10 @@ from transformers import (
     MistralForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from .tokenizer import BOS_ID, EOS_ID, copy_tokenizer, tokenizer_size
@@ -28,7 +32,11 @@ from .tokenizer import BOS_ID, EOS_ID, copy_tokenizer, tokenizer_size
 ARCHS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
 }
+# Tensors a fresh init leaves constant (biases 0, norms 1) get noise, so that a wrong copy of them shows.
+_BIASES, _QK_NORMS = "_proj.bias", ("q_norm.weight", "k_norm.weight")
 
 MLP_PROJS: tuple[str, ...] = ("mlp.gate_proj.", "mlp.up_proj.", "mlp.down_proj.")
 ATTN_PROJS: tuple[str, ...] = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "self_attn.o_proj.")
@@ -53,9 +61,10 @@ def make_model(
     sliding_window: int | None = None,
     init_std: float = 0.02,
 ) -> Path:
-    """Save a random-weight ``LlamaForCausalLM``/``MistralForCausalLM`` to ``out_dir``.
+    """Save a random-weight ``LlamaForCausalLM`` (or Mistral, Qwen2, Qwen3) to ``out_dir``.
 
-    Weights are drawn in float32 from ``seed`` (Llama's normal init with ``init_std``) and then cast, so the
+    Weights are drawn in float32 from ``seed`` (Llama's normal init with ``init_std``; Qwen2's q/k/v
+    biases and Qwen3's q/k norms get noise of their own) and then cast, so the
     same arguments give byte-identical files. ``max_shard_size`` (e.g. ``"100KB"``) forces a
     sharded checkpoint with ``model.safetensors.index.json``. With ``tokenizer_dir`` the
     tokenizer files are copied and ``vocab_size`` must cover the tokenizer (runtimes such as
@@ -92,7 +101,13 @@ def make_model(
     )
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
         torch.manual_seed(seed)
-        model = ARCHS[arch][1](config).to(dtype)
+        model = ARCHS[arch][1](config)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                std = init_std if name.endswith(_BIASES) else 0.1 if name.endswith(_QK_NORMS) else 0.0
+                if std:
+                    param.add_(torch.randn_like(param) * std)
+        model = model.to(dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size or "50GB")
     if tokenizer_dir is not None:

@@ -1,7 +1,7 @@
 """An offline sentencepiece tokenizer laid out like a Hugging Face Llama model folder.
 
 Why sentencepiece and not a tokenizers BPE: llama.cpp's ``convert_hf_to_gguf.py`` reads
-``tokenizer.model`` first for Llama/Mistral/Mixtral, while a byte-level BPE ``tokenizer.json``
+``tokenizer.model`` first for Llama, Mistral and their MoE outputs, while a byte-level BPE ``tokenizer.json``
 is identified by a hash of its pre-tokenizer and an unknown hash is rejected. The trainer
 options mirror Llama's own tokenizer (BPE, byte fallback, digits split, identity
 normalisation), so the same files load in transformers, llama.cpp and vLLM.
@@ -93,8 +93,15 @@ def copy_tokenizer(src_dir: Path, dst_dir: Path) -> None:
 
 
 def tokenizer_size(tokenizer_dir: Path) -> int:
-    """Number of pieces in ``tokenizer_dir/tokenizer.model`` (the smallest valid vocab_size)."""
-    return spm.SentencePieceProcessor(model_file=str(Path(tokenizer_dir) / "tokenizer.model")).get_piece_size()
+    """Number of tokens of the folder's tokenizer (the smallest valid vocab_size): the pieces of its
+    ``tokenizer.model``, or of its ``tokenizer.json`` with added tokens for a BPE tokenizer (the
+    one Qwen models need to reach llama.cpp)."""
+    model = Path(tokenizer_dir) / "tokenizer.model"
+    if model.is_file():
+        return spm.SentencePieceProcessor(model_file=str(model)).get_piece_size()
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
 
 
 def _write_json(path: Path, obj: dict) -> None:
