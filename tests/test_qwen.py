@@ -365,3 +365,20 @@ def test_eval_report_and_sweep_on_qwen_outputs(qwen2, qwen3, texts, tmp_path, ru
     for mode, k in (("gateless", 3), ("noisy", 2)):
         cfg = json.loads((tmp_path / "sweep" / mode / "config.json").read_text())
         assert cfg["model_type"] == "qwen3_moe" and cfg["num_experts_per_tok"] == k
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_eval_of_a_moe_of_base_copies_scores_as_the_base(request, texts, tmp_path, run_cli, family):
+    """Through the tokenizers: `eval` reads the MoE folder with the tokenizer transformers picks for its
+    model_type (qwen2_moe, qwen3_moe), the base with the one for qwen2/qwen3. A MoE whose experts are
+    all the base must score the base's perplexity, token for token."""
+    fam = request.getfixturevalue(family)
+    out = build(run_cli, tmp_path, Family(fam.base, [fam.base] * 3), router={"mode": "gateless"})
+    data = ["--data", f"prose={texts['prose']}", "--json", "--ctx", "64"]
+    scores = []
+    for model in (fam.base, out):
+        result = run_cli("eval", model, *data)
+        assert result.code == 0, result.err
+        scores.append(json.loads(result.out)["domains"]["prose"])
+    assert scores[0]["tokens"] == scores[1]["tokens"]
+    assert scores[1]["perplexity"] == pytest.approx(scores[0]["perplexity"], rel=1e-4)
