@@ -46,6 +46,26 @@ def parse_device(device: str) -> torch.device:
     return dev
 
 
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype layer-streamed runs compute in. `auto` is bfloat16 only where it is fast: a CUDA
+    device that supports it, or a CPU with bfloat16 matrix units (AMX or AVX512-BF16); elsewhere
+    bfloat16 matmuls are emulated, slower than float32, so it is float32."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16_units() else torch.float32
+
+
+def _cpu_has_bf16_units(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def plan_recipe(recipe_path: Path) -> Plan:
     """Load, validate and plan a recipe; input errors are prefixed with the recipe's path."""
     loaded = load_recipe(recipe_path)
@@ -58,17 +78,20 @@ def plan_recipe(recipe_path: Path) -> Plan:
 
 
 def write_model(plan: Plan, out: Path, *, force: bool = False, replace_foreign: bool = False, device: str = "cpu",
-                quiet: bool = False, keep_failed: bool = False, edit: Edit | None = None) -> tuple[CheckReport, ...]:
+                quiet: bool = False, keep_failed: bool = False, edit: Edit | None = None,
+                dtype: str = "float32") -> tuple[CheckReport, ...]:
     """Build the plan's model into `out`. Either `out` ends complete, or it is left as it was.
 
     The recipe's `checks:` run on the finished model before it is renamed into place: when one fails,
     CheckFailed is raised and `out` is left as it was, unless `keep_failed`. `edit`: how `edit` makes
-    the same model from a previous build (what to execute, its routers, a line for the card)."""
+    the same model from a previous build (what to execute, its routers, a line for the card). `dtype`
+    is the compute dtype of routers made from data (COMPUTE_DTYPES)."""
     dev = parse_device(device)
     execution = edit.execution if edit else plan
     check_output(execution, out, force, replace_foreign)  # before routers that may train for minutes
     side_files = _side_files(plan)
-    routers = edit.routers(RouterContext(dev, quiet)) if edit else make_routers(plan, RouterContext(dev, quiet))
+    ctx = RouterContext(dev, quiet, compute_dtype(dtype, dev))
+    routers = edit.routers(ctx) if edit else make_routers(plan, ctx)
     entries = [Entry(t.name, t.shape, t.dtype) for t in plan.tensors]
     try:
         with staged_output(out, force, plan.total_bytes, replace_foreign=replace_foreign) as stage:

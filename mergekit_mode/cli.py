@@ -35,6 +35,11 @@ output loads in transformers, llama.cpp and vLLM with no custom code. `mergekit-
 """
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "auto")  # build.COMPUTE_DTYPES, without importing torch for --help
+COMPUTE_DTYPE_HELP = ("Dtype of the layer-by-layer runs (hidden states, router training, eval). auto: bfloat16 "
+                      "where it is fast (a CPU with AMX or AVX512-BF16, or a CUDA GPU), else float32.")
+
+
 class _DefaultToBuild(click.Group):
     """`mergekit-mode recipe.yml out/` means `mergekit-mode build recipe.yml out/`."""
 
@@ -87,11 +92,13 @@ def _warn(plan) -> None:
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--force-foreign", is_flag=True, help=FORCE_FOREIGN_HELP)
 @click.option("--device", default="cpu", show_default=True, help="Where tensors are computed: cpu, cuda, cuda:N.")
+@click.option("--compute-dtype", "compute_dtype", type=click.Choice(COMPUTE_DTYPES), default="float32",
+              show_default=True, help=COMPUTE_DTYPE_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--keep-failed", is_flag=True, help="When a recipe check fails, keep OUT for inspection (exit code "
               "still 1).")
-def build(recipe: Path, out: Path, dry_run: bool, force: bool, force_foreign: bool, device: str, quiet: bool,
-          keep_failed: bool) -> None:
+def build(recipe: Path, out: Path, dry_run: bool, force: bool, force_foreign: bool, device: str, compute_dtype: str,
+          quiet: bool, keep_failed: bool) -> None:
     """Build the model described by RECIPE into the folder OUT.
 
     OUT is built in a hidden folder beside it and renamed into place when complete: an interrupted
@@ -108,7 +115,8 @@ def build(recipe: Path, out: Path, dry_run: bool, force: bool, force_foreign: bo
     if dry_run:
         click.echo(plan.describe())
         return
-    _write(plan, out, quiet, force=force, replace_foreign=force_foreign, device=device, keep_failed=keep_failed)
+    _write(plan, out, quiet, force=force, replace_foreign=force_foreign, device=device, keep_failed=keep_failed,
+           dtype=compute_dtype)
 
 
 def _write(plan, out: Path, quiet: bool, **options) -> None:
@@ -180,17 +188,25 @@ def _data_options(command):
     return command
 
 
+def _compute_dtype_option(command):
+    return click.option("--compute-dtype", "compute_dtype", type=click.Choice(COMPUTE_DTYPES), default="float32",
+                        show_default=True, help=COMPUTE_DTYPE_HELP)(command)
+
+
 def _eval_options(command):
+    """eval's and report's options (check runs whole models in float32: no --compute-dtype)."""
+    command = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")(_compute_dtype_option(command))
     return click.argument("model", type=PATH)(_data_options(command))
 
 
 def _run_eval(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str,
-              own_weight: bool = False, oracle: str | None = None):
-    from mergekit_mode.build import parse_device
+              compute_dtype: str, quiet: bool, own_weight: bool = False, oracle: str | None = None):
+    from mergekit_mode.build import compute_dtype as resolve, parse_device
     from mergekit_mode.evaluate import evaluate, parse_data
 
+    dev = parse_device(device)
     return evaluate(model, parse_data(data), ctx=ctx, batch_size=batch_size, max_tokens=max_tokens,
-                    device=parse_device(device), own_weight=own_weight, oracle=oracle)
+                    device=dev, dtype=resolve(compute_dtype, dev), quiet=quiet, own_weight=own_weight, oracle=oracle)
 
 
 def _names(model: Path, results) -> list[str]:
@@ -211,7 +227,7 @@ def _names(model: Path, results) -> list[str]:
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"domains": {NAME: {perplexity, tokens, routing, own_weight}}}.')
 def eval_command(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str,
-                 own_weight: bool, oracle_routing: str | None, as_json: bool) -> None:
+                 compute_dtype: str, quiet: bool, own_weight: bool, oracle_routing: str | None, as_json: bool) -> None:
     """Perplexity per domain of MODEL (any causal LM folder) and, for MoE models, the share of
     tokens each expert receives per layer.
 
@@ -227,12 +243,14 @@ def eval_command(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, 
     """
     from mergekit_mode.evaluate import format_table, to_json
 
-    results = _run_eval(model, data, ctx, max_tokens, batch_size, device, own_weight, oracle_routing)
+    results = _run_eval(model, data, ctx, max_tokens, batch_size, device, compute_dtype, quiet, own_weight,
+                        oracle_routing)
     click.echo(json.dumps(to_json(results)) if as_json else format_table(results, _names(model, results)))
 
 
 @cli.command()
-@_eval_options
+@click.argument("model", type=PATH)
+@_data_options
 @click.option("--against", type=click.Choice(["experts", "base"]), default="experts", show_default=True,
               help="experts: each domain against the expert of the same name; base: against the base model.")
 @click.option("--max-ratio", type=click.FloatRange(min=0, min_open=True), required=True, metavar="R",
@@ -277,7 +295,7 @@ def check(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_s
 @_eval_options
 @click.option("--plot", type=PATH, help="Write a routing heatmap per domain (PNG/PDF/SVG).")
 def report(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int, device: str,
-           plot: Path | None) -> None:
+           compute_dtype: str, quiet: bool, plot: Path | None) -> None:
     """The eval table of MODEL and, with --plot, a heatmap per domain of the expert shares per
     layer (needs matplotlib: pip install 'mergekit-mode[report]')."""
     from mergekit_mode.evaluate import format_table
@@ -285,7 +303,7 @@ def report(model: Path, data: tuple[str, ...], ctx: int, max_tokens: int, batch_
 
     if plot is not None:
         pyplot()
-    results = _run_eval(model, data, ctx, max_tokens, batch_size, device)
+    results = _run_eval(model, data, ctx, max_tokens, batch_size, device, compute_dtype, quiet)
     names = _names(model, results)
     click.echo(format_table(results, names))
     if plot is not None:
@@ -375,12 +393,13 @@ def export_gguf(model: Path, outtype: str, outfile: Path | None, force: bool, ol
 @_data_options
 @click.option("--own-weight", is_flag=True,
               help="Also print the mean weight each domain's tokens give the expert of the same name.")
+@_compute_dtype_option
 @click.option("--force", is_flag=True, help="Replace OUT/<mode> folders that exist and are not empty; only "
               "folders mergekit-mode wrote.")
 @click.option("--force-foreign", is_flag=True, help="Replace OUT/<mode> folders whatever they hold. Implies --force.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def sweep(recipe: Path, out: Path, routers: str, data: tuple[str, ...], ctx: int, max_tokens: int, batch_size: int,
-          device: str, own_weight: bool, force: bool, force_foreign: bool, quiet: bool) -> None:
+          device: str, own_weight: bool, compute_dtype: str, force: bool, force_foreign: bool, quiet: bool) -> None:
     """Build RECIPE once per router mode into OUT/<mode>/ and print their perplexity side by side.
 
     The recipe's router block is replaced by each mode, keeping its settings where they apply (top-k,
@@ -402,7 +421,8 @@ def sweep(recipe: Path, out: Path, routers: str, data: tuple[str, ...], ctx: int
         for warning in plan.warnings:
             click.echo(f"warning: {mode}: {warning}", err=True)
     results = run_sweep(plans, out, domains, ctx=ctx, max_tokens=max_tokens, batch_size=batch_size, device=device,
-                        force=force, replace_foreign=force_foreign, quiet=quiet, own_weight=own_weight)
+                        dtype=compute_dtype, force=force, replace_foreign=force_foreign, quiet=quiet,
+                        own_weight=own_weight)
     click.echo(format_sweep(results))
 
 

@@ -13,27 +13,42 @@ logits): 1.0 means the expert runs on every token. Each layer sums to k; k/E per
 a balanced router gives. Where a domain's name is an expert's name, eval can also report the weight
 each token gives that expert (`own_weight`) and run the MoE with routing forced from the domain
 (`oracle`): see domain_routing.py.
+
+Models of the base families and output formats mergekit-mode knows (mergekit_mode.formats) are
+run one decoder layer at a time (streamed.py) over groups of windows: memory is one layer plus the
+activations of a group, and the LM head scores a few hundred tokens at a time instead of holding
+[tokens, vocab] logits. Other causal LMs, and the domain analyses (own weight, oracle routing, which
+hook transformers' MoE blocks), load the model whole with transformers.
 """
 
 from __future__ import annotations
 
 import json
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from mergekit_mode.build import RECIPE_FILE
 from mergekit_mode.calibration import iter_documents, load_tokenizer, tokenize_documents
 from mergekit_mode import formats
 from mergekit_mode.domain_routing import BINS, OracleRouting, OwnWeight, OwnWeightCounter, oracle_routing, recorded_choices
 from mergekit_mode.errors import ModeError
-from mergekit_mode.inputs import ModelFolder
-from mergekit_mode.layerwise import Batch, make_batches
+from mergekit_mode.formats import families
+from mergekit_mode.inputs import ModelFolder, TensorReader, read_json
+from mergekit_mode.layerwise import Batch, FolderWeights, LayerStream, make_batches
 from mergekit_mode.safety import check_name_lengths, read_small_file
+from mergekit_mode.streamed import MoeShape, StreamedLM, topk_counts
+
+# model_type values run layer by layer (the base families and the output formats); anything else
+# goes through transformers whole.
+STREAMED_TYPES = tuple(t for f in families.FAMILIES for t in f.model_types) + formats.NAMES
+# Tokens whose activations one layer-major pass holds (hidden_size x 4 bytes each).
+GROUP_TOKENS = 16_384
 
 
 @dataclass(frozen=True)
@@ -90,11 +105,19 @@ def expert_names(path: Path, num_experts: int) -> list[str]:
     return names if len(names) == num_experts else [str(e) for e in range(num_experts)]
 
 
+def _result(loss_sum: float, scored: int, counts: Optional[torch.Tensor], routed_tokens: int) -> DomainResult:
+    if scored == 0:
+        raise ModeError("--data: fewer than 2 tokens of text")
+    routing = (counts / routed_tokens).tolist() if counts is not None else None
+    return DomainResult(float(torch.tensor(loss_sum / scored).exp()), scored, routing)
+
+
 @torch.no_grad()
 def evaluate_domain(model, ids: list[int], ctx: int, batch_size: int, device: torch.device,
-                    expert: Optional[tuple[int, str]] = None, oracle: Optional[OracleRouting] = None) -> DomainResult:
-    """One domain's result. `expert` (index, name) is the domain's own expert: its weight is
-    reported, and with `oracle` the routing is forced to it."""
+                    expert: Optional[tuple[int, str]] = None, oracle: Optional[OracleRouting] = None,
+                    progress: Callable[[int], None] = lambda _: None) -> DomainResult:
+    """One domain through a whole transformers model. `expert` (index, name) is the domain's own
+    expert: its weight is reported, and with `oracle` the routing is forced to it."""
     cfg = model.config
     fmt = formats.of_config(cfg)
     counts = torch.zeros(cfg.num_hidden_layers, fmt.num_experts(cfg)) if fmt else None
@@ -104,36 +127,75 @@ def evaluate_domain(model, ids: list[int], ctx: int, batch_size: int, device: to
         for batch in make_batches(windows(ids, ctx), batch_size):
             choices.clear()
             logits = model(input_ids=batch.ids.to(device)).logits
-            targets = batch.ids.masked_fill(~_real_mask(batch), -100)[:, 1:].to(device)
+            targets = batch.targets()[:, :-1].to(device)
             loss_sum += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
                                         ignore_index=-100, reduction="sum").item()
             scored += int((targets != -100).sum())
             if counts is not None:
-                routed_tokens += int(batch.lengths.sum())
+                routed_tokens += batch.tokens
                 _count_choices(counts, own, choices, batch)
-    if scored == 0:
-        raise ModeError("--data: fewer than 2 tokens of text")
-    routing = (counts / routed_tokens).tolist() if counts is not None else None
-    return DomainResult(float(torch.tensor(loss_sum / scored).exp()), scored, routing,
-                        own.result(expert[1]) if own else None)
+            progress(batch.tokens)
+    result = _result(loss_sum, scored, counts, routed_tokens)
+    return replace(result, own_weight=own.result(expert[1])) if own else result
 
 
 def _forced(model, expert: Optional[tuple[int, str]], oracle: Optional[OracleRouting]):
     return oracle_routing(model, expert[0], oracle) if oracle and expert else nullcontext()
 
 
-def _real_mask(batch: Batch) -> torch.Tensor:
-    return torch.arange(batch.ids.shape[1])[None, :] < batch.lengths[:, None]
+def _evaluate_streamed(folder: ModelFolder, streams: dict[str, list[int]], ctx: int, batch_size: int,
+                       device: torch.device, dtype: torch.dtype, bar: tqdm) -> dict[str, DomainResult]:
+    cfg = folder.config
+    with TensorReader() as reader:
+        weights = FolderWeights(folder, reader)
+        stream = LayerStream(folder, weights, [], device, dtype)
+        fmt = stream.moe_format
+        moe = routers = shared = None
+        if fmt is not None:
+            moe = MoeShape(fmt.num_experts(cfg), fmt.top_k(cfg))
+
+            def read(name: str) -> torch.Tensor:
+                return weights(name).to(device, torch.float32)
+
+            routers = [read(fmt.router_tensor(i)) for i in range(stream.num_layers)]
+            if fmt.shared_expert_gate is not None:
+                shared = [read(fmt.shared_gate_tensor(i)) for i in range(stream.num_layers)]
+        lm = StreamedLM(stream, moe, routers, shared)
+        results = {}
+        for name, ids in streams.items():
+            bar.set_description(f"eval {name}")
+            counts = torch.zeros(stream.num_layers, moe.num_experts) if moe else None
+            loss_sum, scored, routed = 0.0, 0, 0
+            for group in _groups(make_batches(windows(ids, ctx), batch_size)):
+                tokens = sum(b.tokens for b in group)
+
+                def count(layer: int, _batch: int, logits: torch.Tensor) -> None:
+                    counts[layer] += topk_counts(logits, moe.top_k).cpu()
+
+                part, n = lm.forward(group, progress=lambda share: bar.update(share * tokens), router_logits=count)
+                loss_sum, scored, routed = loss_sum + part, scored + n, routed + tokens
+            results[name] = _result(loss_sum, scored, counts, routed)
+    return results
 
 
 def _count_choices(counts: torch.Tensor, own: Optional[OwnWeightCounter], choices, batch: Batch) -> None:
     """Top-k membership per layer and expert (and the own expert's weight) from each router's choices."""
-    real = _real_mask(batch).flatten()
     for layer, (weights, indices) in enumerate(choices):
-        weights, indices = weights[real], indices[real]
+        weights = batch.real(weights.reshape(*batch.ids.shape, -1))
+        indices = batch.real(indices.reshape(*batch.ids.shape, -1))
         counts[layer] += torch.bincount(indices.flatten(), minlength=counts.shape[1])
         if own is not None:
             own.add(layer, weights, indices)
+
+
+def _groups(batches: list[Batch]) -> list[list[Batch]]:
+    """Consecutive batches of at most GROUP_TOKENS tokens in all (at least one batch each)."""
+    groups: list[list[Batch]] = [[]]
+    for b in batches:
+        if groups[-1] and sum(x.ids.numel() for x in groups[-1]) + b.ids.numel() > GROUP_TOKENS:
+            groups.append([])
+        groups[-1].append(b)
+    return [g for g in groups if g]
 
 
 def tokenize_domains(model_dir: Path, data: dict[str, Path], max_tokens: int = 50_000) -> dict[str, list[int]]:
@@ -173,25 +235,41 @@ def own_experts(model_dir: Path, domains: list[str], oracle: Optional[OracleRout
 
 
 def evaluate_streams(model_dir: Path, streams: dict[str, list[int]], *, ctx: int = 128, batch_size: int = 8,
-                     device: torch.device = torch.device("cpu"), own_weight: bool = False,
+                     device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                     quiet: bool = False, own_weight: bool = False,
                      oracle: Optional[OracleRouting] = None) -> dict[str, DomainResult]:
-    """Every domain's result on already tokenized text, in the order given. `own_weight`: report the
-    weight of each domain's own expert; `oracle`: force routing to it (every domain must name one)."""
+    """Every domain's result on already tokenized text, in the order given, with a progress bar
+    (tokens/s) on stderr unless `quiet`. `dtype`: of the layer-streamed run (a model loaded whole
+    by transformers runs in float32). `own_weight`: report the weight of each domain's own expert;
+    `oracle`: force routing to it (every domain must name one); both run the model whole."""
     check_ctx(ctx)
+    if not (model_dir / "config.json").is_file():
+        raise ModeError(f"MODEL: {model_dir} is not a model folder (no config.json)")
     experts = own_experts(model_dir, list(streams), oracle) if own_weight or oracle else {}
-    model = load_model(model_dir, device)
-    return {name: evaluate_domain(model, ids, ctx, batch_size, device, experts.get(name), oracle)
-            for name, ids in streams.items()}
+    total = sum(len(ids) for ids in streams.values())
+    with tqdm(total=total, unit="tok", unit_scale=True, desc="eval", disable=quiet, leave=False) as bar:
+        streamed = read_json(model_dir / "config.json", "MODEL").get("model_type") in STREAMED_TYPES
+        if streamed and not experts:
+            return _evaluate_streamed(ModelFolder.open(model_dir, "MODEL"), streams, ctx, batch_size, device, dtype,
+                                      bar)
+        model = load_model(model_dir, device)
+        results = {}
+        for name, ids in streams.items():
+            bar.set_description(f"eval {name}")
+            results[name] = evaluate_domain(model, ids, ctx, batch_size, device, experts.get(name), oracle,
+                                            progress=bar.update)
+        return results
 
 
 def evaluate(model_dir: Path, data: dict[str, Path], *, ctx: int = 128, batch_size: int = 8,
-             max_tokens: int = 50_000, device: torch.device = torch.device("cpu"), own_weight: bool = False,
+             max_tokens: int = 50_000, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+             quiet: bool = False, own_weight: bool = False,
              oracle: Optional[OracleRouting] = None) -> dict[str, DomainResult]:
     """Every domain's result, in the order given."""
     ModelFolder.open_to_load(model_dir, "MODEL")  # before reading any text
     streams = tokenize_domains(model_dir, data, max_tokens)
-    return evaluate_streams(model_dir, streams, ctx=ctx, batch_size=batch_size, device=device,
-                            own_weight=own_weight, oracle=oracle)
+    return evaluate_streams(model_dir, streams, ctx=ctx, batch_size=batch_size, device=device, dtype=dtype,
+                            quiet=quiet, own_weight=own_weight, oracle=oracle)
 
 
 def to_json(results: dict[str, DomainResult]) -> dict:

@@ -12,7 +12,7 @@ import torch
 
 from mergekit_mode.adapters import merge_lora
 from mergekit_mode.errors import ModeError
-from mergekit_mode.inputs import Prefetcher, TensorReader
+from mergekit_mode.inputs import BufferPool, Prefetcher, TensorReader
 from mergekit_mode.numerics import all_finite
 from mergekit_mode.ops import Copy, LoraMerge, Mean, RouterWeights, SharedGate, Source, StemMerge, Zeros
 from mergekit_mode.plan import Gates, OutputTensor, Plan
@@ -27,9 +27,12 @@ class _Inputs:
 
     def __init__(self, plan: Plan, reader: Prefetcher, device: torch.device) -> None:
         self.plan, self.reader, self.device = plan, reader, device
+        self.held: list[torch.Tensor] = []  # what the current output tensor read
 
     def read(self, source: Source) -> torch.Tensor:
-        return self.reader.read(self.plan.info(source))
+        tensor = self.reader.read(self.plan.info(source))
+        self.held.append(tensor)
+        return tensor
 
     def float(self, source: Source) -> torch.Tensor:
         return self.read(source).to(self.device, torch.float32)
@@ -91,20 +94,42 @@ def compute(item: OutputTensor, inputs: _Inputs, gates: Gates) -> torch.Tensor:
     return cast
 
 
-def compute_alone(item: OutputTensor, plan: Plan, reader: TensorReader, device: torch.device) -> torch.Tensor:
+class _Rows(_Inputs):
+    """Reads only some rows of each source (a copied embedding: the rows a text uses)."""
+
+    def __init__(self, plan: Plan, reader: TensorReader, device: torch.device, rows: torch.Tensor) -> None:
+        super().__init__(plan, reader, device)
+        self.rows = rows
+
+    def read(self, source: Source) -> torch.Tensor:
+        return self.reader.read_rows(self.plan.info(source), self.rows)
+
+
+def compute_alone(item: OutputTensor, plan: Plan, reader: TensorReader, device: torch.device,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
     """One output tensor outside the write pass, exactly as the write pass makes it (router
-    training runs the output's own layers from these)."""
-    return compute(item, _Inputs(plan, reader, device), Gates([]))
+    training and layer-streamed runs use the output's own layers from these). With `rows`, only
+    those rows of it: a copied tensor then reads only their bytes."""
+    if rows is not None and isinstance(item.op, Copy):
+        return compute(item, _Rows(plan, reader, device, rows), Gates([]))
+    tensor = compute(item, _Inputs(plan, reader, device), Gates([]))
+    return tensor if rows is None else tensor[rows.to(tensor.device)]
 
 
 def execute(plan: Plan, gates: Gates, writer: ShardedWriter, device: torch.device, progress: Progress) -> None:
-    with TensorReader() as reader:
+    pool = BufferPool()
+    with TensorReader(pool) as reader:
         prefetcher = Prefetcher(reader, plan.reads())
         inputs = _Inputs(plan, prefetcher, device)
         try:
             for item in plan.tensors:
-                writer.write(item.name, compute(item, inputs, gates))
+                tensor = compute(item, inputs, gates)
+                writer.write(item.name, tensor)
                 progress(item)
+                # written: its bytes and its inputs' are free for the next reads (the gates are not ours)
+                pool.give(*inputs.held, *([] if isinstance(item.op, (RouterWeights, SharedGate)) else [tensor]))
+                inputs.held.clear()
+                del tensor
         finally:
             prefetcher.close()
     writer.finish()

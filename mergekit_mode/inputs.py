@@ -16,6 +16,7 @@ import json
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,30 +244,104 @@ def _collect_tensors(path: Path) -> dict[str, TensorInfo]:
     raise ModeError(f"{path} has no model.safetensors or model.safetensors.index.json")
 
 
+class BufferPool:
+    """Byte buffers kept for reuse, by size.
+
+    A fresh buffer costs a page fault on every 4 KB page at its first write, about as much time as
+    copying those bytes from the page cache, so the write pass reads into recycled buffers: a
+    model has a few tensor sizes, repeated layer after layer. At most `per_size` buffers of a
+    size wait, so the pool holds a few tensors, not the model. Thread-safe (the read-ahead thread
+    takes, the writing thread gives back)."""
+
+    def __init__(self, per_size: int = 2) -> None:
+        self._free: dict[int, list[torch.Tensor]] = collections.defaultdict(list)
+        self._per_size = per_size
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get(nbytes)
+            if free:
+                return free.pop()
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def give(self, *tensors: torch.Tensor) -> None:
+        """Return CPU tensors whose bytes nobody needs any more (the caller drops every reference).
+
+        All of them in one call: a buffer named twice (an input written as it was read) must go
+        back once, or the read-ahead thread could take it between two calls and a second give
+        would hand it out again while it is being filled."""
+        flats = {}
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            if tensor.device.type != "cpu" or tensor.storage_offset() or storage.nbytes() != tensor.nbytes \
+                    or not tensor.is_contiguous() or tensor.nbytes == 0:
+                continue  # only whole buffers: a view's bytes may belong to someone else too
+            flats[storage.data_ptr()] = tensor.detach().reshape(-1).view(torch.uint8)
+        with self._lock:
+            for flat in flats.values():
+                free = self._free[flat.numel()]
+                if len(free) < self._per_size and all(f.data_ptr() != flat.data_ptr() for f in free):
+                    free.append(flat)
+
+
 class TensorReader:
     """Reads tensors by their header byte ranges, keeping one descriptor per file open.
 
     Every float tensor read is checked for NaN/Inf here, as it streams, so a damaged input is
-    named (file and tensor) instead of producing a model that loads and outputs garbage.
+    named (file and tensor) instead of producing a model that loads and outputs garbage. A tensor
+    read whole again (a layer-streamed trainer reads each layer at every step) is not checked
+    again.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pool: BufferPool | None = None) -> None:
         self._fds: dict[Path, int] = {}
+        self._checked_whole: set[TensorInfo] = set()
+        self.pool = pool
 
     def read(self, info: TensorInfo) -> torch.Tensor:
+        # torch.empty, not bytearray: no memset pass over bytes that are about to be overwritten.
+        buf = self.pool.take(info.nbytes) if self.pool else torch.empty(info.nbytes, dtype=torch.uint8)
+        self._read_into(info, memoryview(buf.numpy()), info.offset)
+        tensor = buf.view(info.dtype).reshape(info.shape)
+        if info not in self._checked_whole:
+            self._checked(info, tensor)
+            self._checked_whole.add(info)
+        return tensor
+
+    def read_rows(self, info: TensorInfo, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (any order, repeats allowed) of a tensor, reading only those rows' bytes:
+        an embedding matrix is the largest tensor of a model, and a text uses a small part of it."""
+        unique, inverse = torch.unique(rows.cpu(), return_inverse=True)
+        if len(unique) and not 0 <= int(unique[0]) <= int(unique[-1]) < info.shape[0]:
+            raise ModeError(f"{info.file}: token id {int(unique[-1])} is beyond tensor {info.name}'s "
+                            f"{info.shape[0]} rows")
+        row_bytes = info.nbytes // max(info.shape[0], 1)
+        buf = torch.empty(len(unique) * row_bytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        # one read per run of consecutive rows
+        ids = unique.tolist()
+        start = 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or ids[i] != ids[i - 1] + 1:
+                self._read_into(info, view[start * row_bytes:i * row_bytes], info.offset + ids[start] * row_bytes)
+                start = i
+        tensor = buf.view(info.dtype).reshape(len(ids), *info.shape[1:])
+        return self._checked(info, tensor)[inverse]
+
+    def _read_into(self, info: TensorInfo, view: memoryview, offset: int) -> None:
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        # torch.empty, not bytearray: no memset pass over bytes that are about to be overwritten.
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
         done = 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.offset + done)
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
             if n == 0:
                 raise ModeError(f"{info.file}: truncated while reading tensor {info.name!r}")
             done += n
-        tensor = buf.view(info.dtype).reshape(info.shape)
+
+    @staticmethod
+    def _checked(info: TensorInfo, tensor: torch.Tensor) -> torch.Tensor:
         if not all_finite(tensor):
             raise ModeError(f"{info.file}: tensor {info.name} contains NaN or Inf")
         return tensor

@@ -1,51 +1,73 @@
-"""A dense base's stem run one decoder layer at a time over every calibration token.
+"""A decoder stack run one layer at a time over many tokens: memory is one layer, not the model.
 
 mergekit's `hidden` mode loads the whole base model to take its hidden states, which runs out of
-memory on large bases. Here each decoder layer is built from the config, its weights are read with
-`TensorReader` (plain reads, nothing stays mapped), it runs over all batches, and it is dropped
-before the next: peak memory is about one layer plus the activations of the calibration tokens
-(hidden states and router inputs, tokens x hidden_size x 4 bytes each), whatever the depth.
+memory on large bases, and so would evaluating or training a MoE whole. Here each decoder layer
+is built from the config, its weights are read with `TensorReader` (plain reads, nothing stays
+mapped), it runs over all batches, and the next layer reuses its memory: peak memory is about one
+layer plus the activations of the tokens in flight, whatever the depth. The embedding is read
+only at the rows the tokens use.
 
-The layer is transformers' own decoder layer of the base's family (`LlamaDecoderLayer`,
-`Qwen3DecoderLayer`, ...), so the numbers are the full model's. Weights come from a `Weights`
-source: `FolderWeights` reads a model folder (the base, for `hidden`), `PlanWeights` computes the
-output's own tensors as the executor does (the stem as `stem:` makes it, and each expert's MLP),
-so the merged MoE runs exactly as it will load. The router input of every output format is the
-MLP input, i.e. the output of the layer's `post_attention_layernorm`, not the layer's input that
-mergekit uses: it is captured with a forward hook on that norm. The output format's MoE block
-(`OutputFormat.moe_block`) replaces the dense MLP, so the same loop runs the merged MoE layer by
-layer.
+The layer is transformers' own decoder layer class of the folder's family or output format
+(`LlamaDecoderLayer`, `Qwen3DecoderLayer`, `Qwen2MoeDecoderLayer`, ...), so attention (biases,
+q/k norms), norms and rotary embeddings are the full model's. Weights come from a `Weights` source: `FolderWeights`
+reads a model folder (a dense base, or a MoE checkpoint), `PlanWeights` computes the output's
+own tensors as the executor writes them (the stem as `stem:` makes it, and each expert's MLP), so
+the merged MoE runs exactly as it will load. The router input of a MoE layer is the MLP input,
+the output of the layer's `post_attention_layernorm`, not the layer's input that mergekit uses.
+A MoE layer's MLP is its output format's block (`OutputFormat.moe_block`) over the experts'
+MLPs, with the shared expert of formats that have one.
+
+Batches are packed: short sequences share a row back to back (each attends only to itself, with
+its own positions), so padding does not cost compute; every real token's numbers equal a
+forward of its sequence alone.
 """
 
 from __future__ import annotations
 
-import copy
+import bisect
 from dataclasses import dataclass, replace
 from importlib import import_module
-from typing import Callable, Optional
+from typing import Optional, Protocol
 
 import torch
 from torch import nn
 
 from mergekit_mode.calibration import Sequence
 from mergekit_mode.executor import compute_alone
+from mergekit_mode import formats
 from mergekit_mode.formats import families
-from mergekit_mode.formats.families import BaseFamily
+from mergekit_mode.formats.base import OutputFormat
+from mergekit_mode.formats.block import ExpertMlp
+from mergekit_mode.formats.families import Role
 from mergekit_mode.inputs import ModelFolder, TensorReader
 from mergekit_mode.plan import Plan
 
-# A tensor by its checkpoint name, as float32 (e.g. "model.layers.0.self_attn.q_proj.weight").
-Weights = Callable[[str], torch.Tensor]
+
+class Weights(Protocol):
+    """Tensors by checkpoint name (e.g. "model.layers.0.self_attn.q_proj.weight"), in the dtype
+    they are stored or written in; the caller converts them into its float32 parameters."""
+
+    def __call__(self, name: str) -> torch.Tensor: ...
+
+    def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
 
 
 class FolderWeights:
-    """A model folder's own tensors (the dense base, MLP included)."""
+    """A model folder's own tensors."""
 
     def __init__(self, folder: ModelFolder, reader: TensorReader) -> None:
         self.folder, self.reader = folder, reader
 
     def __call__(self, name: str) -> torch.Tensor:
-        return self.reader.read(self.folder.tensors[name]).to(torch.float32)
+        return self.reader.read(self.folder.tensors[name])
+
+    def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        return self.reader.read_rows(self.folder.tensors[name], ids)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.folder.tensors[name].shape
 
 
 class PlanWeights:
@@ -56,11 +78,17 @@ class PlanWeights:
         self.items = {t.name: t for t in plan.tensors}
 
     def __call__(self, name: str) -> torch.Tensor:
-        return compute_alone(replace(self.items[name], dtype=torch.float32), self.plan, self.reader, self.device)
+        return compute_alone(self.items[name], self.plan, self.reader, self.device)
+
+    def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        return compute_alone(self.items[name], self.plan, self.reader, self.device, rows=ids)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.items[name].shape
 
 
 def stem_config(base: ModelFolder):
-    """The base's transformers config (of its family's class), with SDPA attention."""
+    """The folder's transformers config, with SDPA attention."""
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(**base.config)
@@ -68,131 +96,322 @@ def stem_config(base: ModelFolder):
     return config
 
 
-def _class(family: BaseFamily, model_type: str, suffix: str) -> type:
+def _class(model_type: str, prefix: str, suffix: str) -> type:
     module = import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    return getattr(module, f"{family.transformers_prefix}{suffix}")
+    return getattr(module, f"{prefix}{suffix}")
 
 
 @dataclass(frozen=True)
 class Batch:
-    """Right-padded token ids [b, L] and each row's true length. Right padding needs no mask: a
-    causal layer never lets a real token see the padding after it."""
+    """Token rows [rows, width]: sequences back to back in each row, then padding (id 0).
+
+    `positions` restart at 0 with each sequence; `row`, `start` and `lengths` say where each
+    sequence lies, and `seq` which of the packed list it is. Real tokens are listed sequence
+    by sequence, in `seq` order."""
 
     ids: torch.Tensor
+    positions: torch.Tensor
+    row: torch.Tensor
+    start: torch.Tensor
     lengths: torch.Tensor
+    seq: torch.Tensor
+    index: torch.Tensor  # flat position of every real token, sequence by sequence
+
+    @property
+    def packed(self) -> bool:
+        """Some row holds more than one sequence (attention then needs a block mask)."""
+        return bool((self.start > 0).any())
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
 
     def real(self, x: torch.Tensor) -> torch.Tensor:
-        """The real (unpadded) tokens of a [b, L, ...] tensor, flattened to [tokens, ...]."""
-        mask = torch.arange(x.shape[1])[None, :] < self.lengths[:, None]
-        return x[mask]
+        """The real tokens of a [rows, width, ...] tensor, flattened to [tokens, ...]."""
+        return x.reshape(-1, *x.shape[2:])[self.index.to(x.device)]
+
+    def last(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sequence's last token of a [rows, width, ...] tensor."""
+        return x[self.row, self.start + self.lengths - 1]
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sequence's mean over its tokens of a [rows, width, ...] tensor."""
+        owner = torch.repeat_interleave(torch.arange(len(self.lengths)), self.lengths)
+        sums = torch.zeros(len(self.lengths), *x.shape[2:], dtype=x.dtype).index_add_(0, owner, self.real(x))
+        return sums / self.lengths.reshape(-1, *[1] * (x.dim() - 2)).to(x.dtype)
+
+    def targets(self) -> torch.Tensor:
+        """[rows, width]: each token's next token in its sequence; -100 after a sequence's last
+        token and on padding (the positions that score nothing)."""
+        out = torch.full_like(self.ids, -100)
+        nxt = torch.cat([self.index[1:], self.index[:1]])
+        scored = torch.ones(len(self.index), dtype=torch.bool)
+        scored[torch.cumsum(self.lengths, 0) - 1] = False
+        flat = out.view(-1)
+        flat[self.index[scored]] = self.ids.view(-1)[nxt[scored]]
+        return out
+
+    def segments(self) -> torch.Tensor:
+        """[rows, width]: which sequence each position belongs to (-1: padding)."""
+        seg = torch.full_like(self.ids, -1)
+        seg.view(-1)[self.index] = torch.repeat_interleave(torch.arange(len(self.lengths)), self.lengths)
+        return seg
+
+
+def _batch(sequences: list[Sequence], rows: list[list[int]], width: int, pad_id: int) -> Batch:
+    """A batch of `rows`, each a list of indices into `sequences` placed back to back."""
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    placed: list[tuple[int, int, int, int]] = []  # (seq, row, start, length)
+    for r, members in enumerate(rows):
+        col = 0
+        for s in members:
+            n = len(sequences[s])
+            ids[r, col:col + n] = torch.tensor(sequences[s], dtype=torch.long)
+            positions[r, col:col + n] = torch.arange(n)
+            placed.append((s, r, col, n))
+            col += n
+        positions[r, col:] = torch.arange(width - col) + (positions[r, col - 1] + 1 if col else 0)
+    placed.sort()
+    seq, row, start, lengths = (torch.tensor(v, dtype=torch.long) for v in zip(*placed))
+    index = torch.cat([torch.arange(n) + r * width + c
+                       for r, c, n in zip(row.tolist(), start.tolist(), lengths.tolist())])
+    return Batch(ids, positions, row, start, lengths, seq, index)
 
 
 def make_batches(sequences: list[Sequence], batch_size: int, pad_id: int = 0) -> list[Batch]:
+    """One sequence per row, `batch_size` rows a batch, right-padded, in order."""
     batches = []
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start:start + batch_size]
+    for first in range(0, len(sequences), batch_size):
+        chunk = sequences[first:first + batch_size]
         width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        for row, seq in enumerate(chunk):
-            ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        batches.append(Batch(ids, torch.tensor([len(s) for s in chunk])))
+        batch = _batch(chunk, [[i] for i in range(len(chunk))], width, pad_id)
+        batches.append(replace(batch, seq=batch.seq + first))
     return batches
 
 
-def load_params(module: nn.Module, weights: Weights, names: dict[str, str]) -> None:
-    """Fill `module`'s parameters: names maps each parameter name to its checkpoint tensor name."""
-    with torch.no_grad():
-        params = dict(module.named_parameters())
-        for param, tensor in names.items():
-            params[param].copy_(weights(tensor))
+def pack(sequences: list[Sequence], width: int, rows_per_batch: int, pad_id: int = 0) -> list[Batch]:
+    """Sequences packed into rows of `width` tokens (longest first, each into the fullest row it
+    fits: best-fit decreasing), `rows_per_batch` rows a batch. `seq` indexes `sequences`."""
+    width = max([width, *(len(s) for s in sequences)])
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, row), sorted
+    for s in order:
+        n = len(sequences[s])
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            space, r = free.pop(at)
+        else:
+            space, r = width, len(rows)
+            rows.append([])
+        rows[r].append(s)
+        if space - n > 0:
+            bisect.insort(free, (space - n, r))
+    batches = []
+    for first in range(0, len(rows), rows_per_batch):
+        chunk = rows[first:first + rows_per_batch]
+        members = sorted(s for row in chunk for s in row)
+        local = {s: i for i, s in enumerate(members)}
+        batch = _batch([sequences[s] for s in members], [[local[s] for s in row] for row in chunk],
+                       max(sum(len(sequences[s]) for s in row) for row in chunk), pad_id)
+        batches.append(replace(batch, seq=torch.tensor(members, dtype=torch.long)[batch.seq]))
+    return batches
+
+
+# Weights read or computed once are kept up to this many bytes (as stored, e.g. bf16), so a small
+# model is read once however often its layers run; larger ones stream, with memory still flat.
+WEIGHT_CACHE_BYTES = 64 << 20
 
 
 class LayerStream:
-    """A dense base's stack, layer by layer, over a fixed list of token batches."""
+    """A decoder stack of the folder's config, layer by layer, over batches of tokens.
 
-    def __init__(self, base: ModelFolder, weights: Weights, batches: list[Batch], device: torch.device) -> None:
-        self.model_type = base.model_type  # the architecture and config are the base's
-        self.family = families.family_of(base.config, "base_model")
+    Layer modules are built once and refilled: `decoder_layer` and the MLPs of `moe_block`
+    return modules that the next call of the same kind overwrites (one layer in memory)."""
+
+    def __init__(self, folder: ModelFolder, weights: Weights, batches: list[Batch], device: torch.device,
+                 dtype: torch.dtype = torch.float32, moe_format: Optional[OutputFormat] = None) -> None:
+        self.model_type = folder.model_type  # the architecture and config are the folder's
+        built = formats.of_config(folder.config)  # a MoE folder in an output format, or a dense base
+        self._prefix = (built.architecture.removesuffix("ForCausalLM") if built
+                        else families.family_of(folder.config, "MODEL").transformers_prefix)
+        self.moe_format = moe_format or built  # the format of the MoE layers run (moe_block)
         self.weights = weights
+        self.dtype = dtype  # of the layers' weights and activations (see build.compute_dtype)
+        self._cache: dict[str, torch.Tensor] = {}
+        self._cached_bytes = 0
+        self._rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.batches = batches
         self.device = device
-        self.config = stem_config(base)
+        self.config = stem_config(folder)
         self.num_layers = int(self.config.num_hidden_layers)
-        rotary = _class(self.family, self.model_type, "RotaryEmbedding")(self.config).to(device)
-        self._rope = [rotary(torch.zeros(1, device=device), self._positions(b)) for b in batches]
-        masks = import_module("transformers.masking_utils")
-        sliding = getattr(self.config, "sliding_window", None) is not None
-        self._mask_fn = masks.create_sliding_window_causal_mask if sliding else masks.create_causal_mask
+        self.hidden_size = int(self.config.hidden_size)
+        self._rotary = _class(self.model_type, self._prefix, "RotaryEmbedding")(self.config).to(device)
+        # Mistral's window; Qwen configs carry a sliding_window that use_sliding_window false turns off
+        window = getattr(self.config, "sliding_window", None)
+        self._window = window if window and getattr(self.config, "use_sliding_window", True) else None
+        self._contexts: dict[int, tuple[Batch, tuple]] = {}
+        self._shells: dict[str, nn.Module] = {}
 
-    def _positions(self, batch: Batch) -> torch.Tensor:
-        return torch.arange(batch.ids.shape[1], device=self.device)[None]
+    # -- inputs of every layer: rotary embeddings and the attention mask of a batch
 
-    def embed(self) -> list[torch.Tensor]:
-        """Layer 0's input per batch: embedding rows of the ids (kept on the CPU between layers)."""
-        table = self.weights(families.EMBED.name).cpu()
-        return [table[b.ids] for b in self.batches]
+    def context(self, batch: Batch) -> tuple[Optional[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """(attention mask, rotary cos/sin) of a batch, made once per batch."""
+        hit = self._contexts.get(id(batch))
+        if hit is not None and hit[0] is batch:
+            return hit[1]
+        if len(self._contexts) > 256:
+            self._contexts.clear()
+        positions = batch.positions.to(self.device)
+        rope = self._rotary(torch.zeros(1, device=self.device, dtype=self.dtype), positions)
+        self._contexts[id(batch)] = (batch, (self._mask(batch), rope))
+        return self._contexts[id(batch)][1]
+
+    def _mask(self, batch: Batch) -> Optional[torch.Tensor]:
+        """None (plain causal attention) unless sequences share rows or a sliding window applies:
+        then a boolean [rows, 1, width, width] mask, True where a token may attend."""
+        if not batch.packed and self._window is None:
+            return None
+        seg = batch.segments().to(self.device)
+        width = seg.shape[1]
+        i = torch.arange(width, device=self.device)
+        allowed = (seg[:, :, None] == seg[:, None, :]) & (i[None, :] <= i[:, None])
+        if self._window is not None:
+            allowed &= (i[:, None] - i[None, :]) < self._window
+        return allowed[:, None]
+
+    def keep_rows(self, ids: torch.Tensor) -> None:
+        """Read the embedding rows of `ids` once, for every later `embed` of batches made of them
+        (a trainer's steps draw from one set of sequences)."""
+        used = torch.unique(torch.cat([ids.reshape(-1), torch.zeros(1, dtype=torch.long)]))  # 0: padding
+        self._rows = used, self.weights.rows(families.EMBED.name, used).to("cpu", self.dtype)
+
+    def embed(self, batches: Optional[list[Batch]] = None) -> list[torch.Tensor]:
+        """Layer 0's input per batch, on the CPU in the compute dtype: the embedding rows of the ids, read
+        for the ids the batches use (not the whole vocabulary), or taken from `keep_rows`."""
+        batches = self.batches if batches is None else batches
+        ids = torch.cat([b.ids.reshape(-1) for b in batches])
+        if self._rows is not None and bool(torch.isin(ids, self._rows[0]).all()):
+            used, rows = self._rows
+            inverse = torch.searchsorted(used, ids)
+        else:
+            used, inverse = torch.unique(ids, return_inverse=True)
+            rows = self.weights.rows(families.EMBED.name, used).to("cpu", self.dtype)
+        out, first = [], 0
+        for b in batches:
+            out.append(rows[inverse[first:first + b.ids.numel()]].reshape(*b.ids.shape, -1))
+            first += b.ids.numel()
+        return out
+
+    # -- layers
 
     def decoder_layer(self, index: int, mlp: Optional[nn.Module] = None) -> nn.Module:
         """Decoder layer `index`; with `mlp`, its dense MLP replaced by that module (whose weights
         the caller has loaded), else the dense MLP read from the weights too."""
-        layer = self._empty("DecoderLayer", index)
+        kind = "dense" if mlp is None else "moe"
+        layer = self._shells.get(kind)
+        if layer is None:
+            layer = self._shells[kind] = self._empty_layer(dense=mlp is None)
         if mlp is not None:
-            layer.mlp = mlp.to(self.device)
+            layer.mlp = mlp
         prefix = f"{families.LAYER_PREFIX}{index}."
-        names = {n: prefix + n for n, _ in layer.named_parameters() if mlp is None or not n.startswith("mlp.")}
-        load_params(layer, self.weights, names)
-        return layer.eval()
+        own = [n for n, _ in layer.named_parameters() if mlp is None or not n.startswith("mlp.")]
+        self._fill(layer, {n: prefix + n for n in own})
+        return layer
 
-    def moe(self, plan: Plan, index: int, router: torch.Tensor, shared_gate: Optional[torch.Tensor] = None) -> nn.Module:
-        """Layer `index`'s MoE block of the plan's output (its format's block over its experts'
-        MLPs, and its shared expert with this gate row if it has one), with this router."""
-        fmt = plan.format
-        experts = [self._mlp({role: fmt.expert_tensor(index, e, role) for role in fmt.experts})
-                   for e in range(plan.num_experts)]
-        shared = None
-        if plan.shared is not None:
-            assert shared_gate is not None, f"{fmt.name} has a shared expert: give its gate"
-            names = {role: fmt.shared_expert_tensor(index, role) for role in fmt.experts}
-            shared = (self._mlp(names, plan.shared.intermediate_size), shared_gate)
-        return fmt.moe_block(router, experts, plan.top_k, shared)
-
-    def _mlp(self, names: dict[families.Role, str], intermediate_size: Optional[int] = None) -> nn.Module:
-        """The family's dense MLP with the weights named per role (an expert's, the shared expert's)."""
-        config = self.config
-        if intermediate_size is not None:
-            config = copy.copy(config)
-            config.intermediate_size = intermediate_size
-        mlp = self._empty("MLP", config=config)
-        load_params(mlp, self.weights, {self.family.mlp(role).name.removeprefix("mlp."): tensor
-                                        for role, tensor in names.items()})
+    def _mlp(self, key: str, names: dict[Role, str]) -> ExpertMlp:
+        """A dense SwiGLU MLP (an expert, the shared expert) from the tensors named per role; `key`
+        names its reused module."""
+        mlp = self._shells.get(key)
+        shape = self.weights.shape(names[Role.GATE_PROJ])
+        if mlp is None or tuple(mlp.gate.shape) != tuple(shape):
+            mlp = self._shells[key] = ExpertMlp(self.hidden_size, shape[0], self.device, self.dtype)
+        self._fill(mlp, {"gate": names[Role.GATE_PROJ], "up": names[Role.UP_PROJ], "down": names[Role.DOWN_PROJ]})
         return mlp
 
-    def _empty(self, suffix: str, *args: int, config=None) -> nn.Module:
-        """A transformers module with uninitialised parameters on the device: every one is loaded
-        next, and a random init of a large layer costs seconds on a CPU."""
+    def moe_block(self, fmt: OutputFormat, index: int, router: torch.Tensor, num_experts: int, top_k: int,
+                  shared_gate: Optional[torch.Tensor] = None) -> nn.Module:
+        """Layer `index`'s MoE block in format `fmt` over its experts' MLPs, with this router (and,
+        in formats with a shared expert, the shared expert with this gate row)."""
+        experts = [self._mlp(f"expert{e}", {role: fmt.expert_tensor(index, e, role) for role in fmt.experts})
+                   for e in range(num_experts)]
+        shared = None
+        if fmt.shared_expert is not None:
+            assert shared_gate is not None, f"{fmt.name} has a shared expert: give its gate"
+            names = {role: fmt.shared_expert_tensor(index, role) for role in fmt.shared_expert}
+            shared = (self._mlp("shared", names), shared_gate)
+        return fmt.moe_block(router, experts, top_k, shared)
+
+    def moe(self, plan: Plan, index: int, router: torch.Tensor, shared_gate: Optional[torch.Tensor] = None
+            ) -> nn.Module:
+        """Layer `index`'s MoE block of the plan's output (its format, experts and top-k)."""
+        return self.moe_block(plan.format, index, router, plan.num_experts, plan.top_k, shared_gate)
+
+    def _empty_layer(self, dense: bool) -> nn.Module:
+        """A transformers decoder layer with uninitialised parameters on the device: every one is
+        loaded next, and a random init of a large layer costs seconds on a CPU. A MoE layer gets
+        its MLP from the caller, so its own is never allocated."""
         with torch.device("meta"):
-            module = _class(self.family, self.model_type, suffix)(config or self.config, *args)
+            layer = _class(self.model_type, self._prefix, "DecoderLayer")(self.config, 0).to(self.dtype)
+            if not dense:
+                layer.mlp = nn.Identity()
         # buffers would stay uninitialised: none exist in these modules (rotary is model-level)
-        assert not list(module.buffers()), f"{suffix} has buffers"
-        return module.to_empty(device=self.device)
+        assert not list(layer.buffers()), "decoder layer has buffers"
+        return layer.to_empty(device=self.device).eval().requires_grad_(False)
+
+    def _fill(self, module: nn.Module, names: dict[str, str]) -> None:
+        """Copy each named tensor into the module's parameter (converting to the compute dtype)."""
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for param, tensor in names.items():
+                params[param].copy_(self._weight(tensor))
+
+    def _weight(self, name: str) -> torch.Tensor:
+        cached = self._cache.get(name)
+        if cached is not None:
+            return cached
+        tensor = self.weights(name)
+        if self._cached_bytes + tensor.nbytes <= WEIGHT_CACHE_BYTES:
+            self._cache[name] = tensor
+            self._cached_bytes += tensor.nbytes
+        return tensor
+
+    # -- running a layer
+
+    def attend(self, layer: nn.Module, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The residual stream after the layer's attention block."""
+        mask, rope = self.context(batch)
+        h, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=mask, position_embeddings=rope)
+        return x + h
+
+    def attention_values(self, layer: nn.Module, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The attention block's output before its o_proj (for back-propagation, which needs
+        o_proj's input gradient but not its forward)."""
+        mask, rope = self.context(batch)
+        o_proj, layer.self_attn.o_proj = layer.self_attn.o_proj, nn.Identity()
+        try:
+            values, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=mask,
+                                        position_embeddings=rope)
+        finally:
+            layer.self_attn.o_proj = o_proj
+        return values
+
+    @staticmethod
+    def feed_forward(layer: nn.Module, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the layer's output, the MLP's input, i.e. the router input) from the residual stream."""
+        router_input = layer.post_attention_layernorm(residual)
+        return residual + layer.mlp(router_input), router_input
+
+    def forward(self, layer: nn.Module, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.feed_forward(layer, self.attend(layer, x, batch))[0]
 
     @torch.no_grad()
     def run(self, layer: nn.Module, hidden: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(next hidden states, router inputs) per batch: the layer's outputs and the outputs of
-        its post_attention_layernorm, both on the CPU in float32."""
-        captured: list[torch.Tensor] = []
-        hook = layer.post_attention_layernorm.register_forward_hook(
-            lambda _m, _i, out: captured.append(out.detach().float().cpu())
-        )
-        try:
-            out = []
-            for h, rope, batch in zip(hidden, self._rope, self.batches):
-                x = h.to(self.device)
-                positions = self._positions(batch)
-                mask = self._mask_fn(config=self.config, inputs_embeds=x, attention_mask=None, cache=None,
-                                     position_ids=positions)
-                y = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rope)
-                out.append(y.float().cpu())
-        finally:
-            hook.remove()
-        return out, captured
+        """(next hidden states in the compute dtype, router inputs in float32) per batch, on the CPU."""
+        out, router_inputs = [], []
+        for h, batch in zip(hidden, self.batches):
+            y, u = self.feed_forward(layer, self.attend(layer, h.to(self.device), batch))
+            out.append(y.cpu())
+            router_inputs.append(u.float().cpu())
+        return out, router_inputs

@@ -84,8 +84,8 @@ class TrainSpec(BaseModel):
 
     objective: Objective = Field(
         "domain", description="domain: each layer's router learns to pick the expert whose data a token came from "
-        "(cross-entropy on that layer's router inputs, layer by layer; cheap). lm: next-token loss of the whole MoE "
-        "plus the output format's load-balancing loss (holds the whole MoE in memory: small models or a GPU).",
+        "(cross-entropy on that layer's router inputs, layer by layer; cheap). lm: next-token loss of the MoE "
+        "plus the output format's load-balancing loss, run and back-propagated one layer at a time (memory: one layer).",
     )
     init: Literal["hidden", "zeros", "domain"] = Field(
         "hidden", description="Start from the hidden-mode routers, from zeros, or (objective lm) from routers first "

@@ -6,36 +6,32 @@ Two objectives:
   layer l's router sees the router inputs that layer l of the finished model will see (its
   earlier layers already route with their trained routers), not the dense base's. Cheap: a
   layer and the activations in memory, a few hundred small Adam steps per layer.
-- lm: the whole MoE (the output format's transformers class) with the next-token loss plus its
-  load-balancing loss, gradients into the router weights only. It holds the whole model, so it
-  is for small models or a GPU. CONTEXT.md measured that domain accuracy alone (85-97% per layer)
-  can still cost perplexity when experts are poor outside their domain; this objective trains
-  what matters (300 steps, batch 8 x 128, lr 3e-3 from a classifier init reached 0.99x-1.18x of
-  each expert's own perplexity there).
+- lm: the MoE's next-token loss plus its load-balancing loss (the training loss of the output
+  format's transformers class), gradients into the router weights (and the shared expert's gates
+  in formats that have one) only, run one layer at a time forward and
+  backward (streamed.py), so memory is one layer, not the model. CONTEXT.md measured that domain
+  accuracy alone (85-97% per layer) can still cost perplexity when experts are poor outside their
+  domain; this objective trains what matters (300 steps, batch 8 x 128, lr 3e-3 from a
+  classifier init reached 0.99x-1.18x of each expert's own perplexity there).
 Both report top-1 routing accuracy per layer on the held-out documents.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import sys
-import tempfile
-from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from mergekit_mode.calibration import ExpertTexts, Sequence
-from mergekit_mode.executor import execute
 from mergekit_mode.inputs import TensorReader
-from mergekit_mode.layerwise import Batch, LayerStream, PlanWeights, make_batches
+from mergekit_mode.layerwise import Batch, LayerStream, PlanWeights, pack
 from mergekit_mode.plan import BASE, Gates, Plan
 from mergekit_mode.router_modes import Fit
 from mergekit_mode.routers import STREAM_BATCH, RouterContext, shared_gates
-from mergekit_mode.writer import Entry, ShardedWriter
+from mergekit_mode.streamed import MoeShape, StreamedLM
 
 
 def _labelled(texts: list[ExpertTexts], held_out: bool) -> tuple[list[Sequence], list[int]]:
@@ -70,37 +66,39 @@ def _progress(total: int, desc: str, quiet: bool) -> tqdm:
 def train_domain(
     plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx: RouterContext
 ) -> list[torch.Tensor]:
-    """Per layer, in order: capture the MoE's router inputs, fit the router with cross-entropy to
-    the token's domain, then run the layer with the fitted router to feed the next one. Each
-    layer runs twice (its outputs depend on the router being fitted), a small price next to
-    loading the whole MoE."""
+    """Per layer, in order: run the MoE layer's attention block to get its router inputs, fit the
+    router with cross-entropy to the token's domain, then run the layer's MoE block with the
+    fitted router to feed the next layer (attention runs once: its output does not depend on
+    the router being fitted)."""
     spec = plan.recipe.recipe.router.training
     top_k = plan.top_k
+    shared = shared_gates(plan)
     train_seqs, train_labels = _labelled(texts, held_out=False)
     held_seqs, held_labels = _labelled(texts, held_out=True)
-    batches = make_batches(train_seqs + held_seqs, STREAM_BATCH)
+    batches = pack(train_seqs + held_seqs, plan.recipe.recipe.router.seq_len, STREAM_BATCH)
     labels = _token_values(batches, train_labels + held_labels)
     is_train = _token_values(batches, [1] * len(train_seqs) + [0] * len(held_seqs)).bool()
     gen = torch.Generator().manual_seed(plan.recipe.recipe.router.seed)
     tokens_per_step = spec.batch_size * plan.recipe.recipe.router.seq_len
     routers, accuracy = [], []
     fit = spec.fit("domain")
-    shared = shared_gates(plan)
     bar = _progress(fit.steps * len(init), "Training routers (domain)", ctx.quiet)
     with TensorReader() as reader, bar:
-        stream = LayerStream(plan.inputs[BASE], PlanWeights(plan, reader, ctx.device), batches, ctx.device)
+        stream = LayerStream(plan.inputs[BASE], PlanWeights(plan, reader, ctx.device), batches, ctx.device, ctx.dtype)
         hidden = stream.embed()
         for index in range(stream.num_layers):
-            moe = stream.moe(plan, index, init[index].clone(), shared[index] if shared else None)
-            layer = stream.decoder_layer(index, moe)
-            _, router_inputs = stream.run(layer, hidden)
-            x = torch.cat([b.real(r) for r, b in zip(router_inputs, batches)])
+            router = init[index].clone().to(ctx.device)
+            layer = stream.decoder_layer(index, stream.moe(plan, index, router, shared[index] if shared else None))
+            with torch.no_grad():
+                residual = [stream.attend(layer, h.to(ctx.device), b) for h, b in zip(hidden, batches)]
+                router_inputs = [layer.post_attention_layernorm(r) for r in residual]
+            x = torch.cat([b.real(u).float().cpu() for u, b in zip(router_inputs, batches)])
             weight = _fit(x[is_train], labels[is_train], init[index], fit, tokens_per_step, gen, ctx.device, bar)
             if held_seqs:
                 accuracy.append(routing_accuracy(x[~is_train] @ weight.T, labels[~is_train], top_k))
+            router.copy_(weight)
             with torch.no_grad():
-                moe.router.copy_(weight)
-            hidden, _ = stream.run(layer, hidden)
+                hidden = [(r + layer.mlp(u)).cpu() for r, u in zip(residual, router_inputs)]
             routers.append(weight)
     report_accuracy(accuracy, top_k, int((~is_train).sum()))
     return routers
@@ -108,12 +106,8 @@ def train_domain(
 
 def _token_values(batches: list[Batch], per_sequence: list[int]) -> torch.Tensor:
     """A per-sequence value repeated over each sequence's real tokens, in Batch.real order."""
-    values, start = [], 0
-    for b in batches:
-        rows = torch.tensor(per_sequence[start:start + len(b.lengths)])
-        values.append(b.real(rows[:, None].expand(b.ids.shape)))
-        start += len(b.lengths)
-    return torch.cat(values)
+    values = torch.tensor(per_sequence)
+    return torch.cat([torch.repeat_interleave(values[b.seq], b.lengths) for b in batches])
 
 
 def _fit(x: torch.Tensor, y: torch.Tensor, init: torch.Tensor, fit: Fit, tokens_per_step: int,
@@ -134,70 +128,43 @@ def _fit(x: torch.Tensor, y: torch.Tensor, init: torch.Tensor, fit: Fit, tokens_
 
 
 def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx: RouterContext) -> Gates:
-    """Next-token loss plus load balancing of the whole MoE (built with the init routers in a
-    temporary folder and loaded by the format's transformers class), Adam on the router weights
-    only, and on the shared expert's gates in formats that have one."""
+    """Next-token loss plus load balancing of the MoE (the training loss of the format's
+    transformers class), Adam on the router weights only, and on the shared expert's gates in
+    formats that have one; the model run and back-propagated one layer at a time (streamed.py):
+    memory is one layer and the activations of one batch, whatever the depth. Each step's
+    sequences are packed into rows of seq_len tokens, so padding costs nothing."""
     spec = plan.recipe.recipe.router.training
     top_k = plan.top_k
-    fmt = plan.format
-    with tempfile.TemporaryDirectory(prefix="mergekit-mode-lm-") as tmp:
-        _write_moe(plan, Gates(init, shared_gates(plan)), Path(tmp), ctx.device)
-        model = fmt.model_class().from_pretrained(tmp, dtype=torch.float32, trust_remote_code=False,
-                                                  local_files_only=True).to(ctx.device).eval()
-    model.requires_grad_(False)
-    gates = [layer.get_parameter(fmt.router_parameter) for layer in model.model.layers]
-    shared = ([layer.get_parameter(fmt.shared_gate_parameter) for layer in model.model.layers]
-              if plan.shared is not None else [])
-    for gate in gates + shared:
-        gate.requires_grad_(True)
     fit = spec.fit("lm")
-    opt = torch.optim.Adam(gates + shared, lr=fit.lr)
+    routers = [r.clone().to(ctx.device).requires_grad_(True) for r in init]
+    shared = [g.clone().to(ctx.device).requires_grad_(True) for g in shared_gates(plan)]
+    opt = torch.optim.Adam(routers + shared, lr=fit.lr)
     train_seqs, _ = _labelled(texts, held_out=False)
     rng = random.Random(plan.recipe.recipe.router.seed)
-    with _progress(fit.steps, "Training routers (lm)", ctx.quiet) as bar:
+    seq_len = plan.recipe.recipe.router.seq_len
+    with TensorReader() as reader, _progress(fit.steps, "Training routers (lm)", ctx.quiet) as bar:
+        stream = LayerStream(plan.inputs[BASE], PlanWeights(plan, reader, ctx.device), [], ctx.device, ctx.dtype,
+                             moe_format=plan.format)
+        stream.keep_rows(torch.tensor([t for seq in train_seqs for t in seq], dtype=torch.long))
+        lm = StreamedLM(stream, MoeShape(plan.num_experts, top_k), routers, shared or None)
         for _ in range(fit.steps):
-            batch = make_batches(rng.choices(train_seqs, k=spec.batch_size), spec.batch_size)[0]
-            loss = _lm_forward(model, batch, ctx.device, labels=True).loss
-            opt.zero_grad()
-            loss.backward()
+            batch = pack(rng.choices(train_seqs, k=spec.batch_size), seq_len, spec.batch_size)[0]
+            loss = lm.train_step(batch, float(plan.config["router_aux_loss_coef"]))
             opt.step()
+            opt.zero_grad()
             bar.update()
-            bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
-    _report_lm_accuracy(model, texts, spec.batch_size, top_k, ctx.device)
-    return Gates([gate.detach().float().cpu() for gate in gates], [gate.detach().float().cpu() for gate in shared])
+            bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
+        _report_lm_accuracy(lm, texts, seq_len, top_k)
+    return Gates([r.detach().float().cpu() for r in routers], [g.detach().float().cpu() for g in shared])
 
 
-def _lm_forward(model, batch: Batch, device: torch.device, labels: bool):
-    ids = batch.ids.to(device)
-    mask = (torch.arange(ids.shape[1])[None, :] < batch.lengths[:, None]).long().to(device)
-    targets = ids.masked_fill(mask == 0, -100) if labels else None
-    return model(input_ids=ids, attention_mask=mask, labels=targets, output_router_logits=True)
-
-
-@torch.no_grad()
-def _report_lm_accuracy(model, texts: list[ExpertTexts], batch_size: int, top_k: int, device: torch.device) -> None:
+def _report_lm_accuracy(lm: StreamedLM, texts: list[ExpertTexts], seq_len: int, top_k: int) -> None:
     held_seqs, held_labels = _labelled(texts, held_out=True)
     if not held_seqs:
         return
-    batches = make_batches(held_seqs, batch_size)
+    batches = pack(held_seqs, seq_len, STREAM_BATCH)
     labels = _token_values(batches, held_labels)
-    per_layer: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
-    for b in batches:
-        out = _lm_forward(model, b, device, labels=False)
-        for layer, logits in enumerate(out.router_logits):
-            per_layer[layer].append(b.real(logits.float().cpu().reshape(*b.ids.shape, -1)))
+    per_layer: list[list[torch.Tensor]] = [[] for _ in range(lm.stream.num_layers)]
+    lm.forward(batches, router_logits=lambda layer, _b, logits: per_layer[layer].append(logits.float().cpu()),
+               score=False)
     report_accuracy([routing_accuracy(torch.cat(l), labels, top_k) for l in per_layer], top_k, len(labels))
-
-
-def _write_moe(plan: Plan, gates: Gates, folder: Path, device: torch.device) -> None:
-    """The plan's model with these routers, float32, in `folder` (weights and config only)."""
-    entries = [Entry(t.name, t.shape, torch.float32) for t in plan.tensors]
-    tensors = tuple(replace(t, dtype=torch.float32) for t in plan.tensors)
-    float_plan = replace(plan, dtype=torch.float32, tensors=tensors)
-    writer = ShardedWriter(folder, entries, plan.recipe.recipe.output.shard_size)
-    try:
-        execute(float_plan, gates, writer, device, lambda _item: None)
-    finally:
-        writer.abort()
-    config = {**plan.config, "dtype": "float32", "torch_dtype": "float32"}
-    (folder / "config.json").write_text(json.dumps(config))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -20,19 +20,21 @@ from tqdm import tqdm
 
 from mergekit_mode.calibration import ExpertTexts, load_calibration, load_tokenizer
 from mergekit_mode.inputs import TensorReader
-from mergekit_mode.layerwise import Batch, FolderWeights, LayerStream, make_batches
+from mergekit_mode.layerwise import Batch, FolderWeights, LayerStream, pack
 from mergekit_mode.plan import BASE, Gates, Plan
 
-# Sequences per forward batch of the layer-streamed base.
+# Rows of seq_len tokens per forward batch of the layer-streamed base.
 STREAM_BATCH = 16
 
 
 @dataclass(frozen=True)
 class RouterContext:
-    """How routers are computed: where (--device) and whether progress is shown."""
+    """How routers are computed: where (--device), in which dtype (--compute-dtype), and whether
+    progress is shown."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     quiet: bool = False
+    dtype: torch.dtype = torch.float32
 
 
 # A mode's routers; a mode that also learns the shared expert's gates returns Gates.
@@ -83,12 +85,9 @@ def calibration(plan: Plan, held_out: float = 0.0) -> list[ExpertTexts]:
     return load_calibration(plan.recipe, load_tokenizer(base.path, "base_model"), held_out)
 
 
-def _pool(router_inputs: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
-    """[b, L, H] -> [b, H]: each sequence's last real token, or the mean over its real tokens."""
-    if pooling == "last":
-        return router_inputs[torch.arange(len(lengths)), lengths - 1]
-    mask = (torch.arange(router_inputs.shape[1])[None, :] < lengths[:, None]).unsqueeze(-1)
-    return (router_inputs * mask).sum(1) / lengths[:, None]
+def _pool(router_inputs: torch.Tensor, batch: Batch, pooling: str) -> torch.Tensor:
+    """[rows, width, H] -> [sequences, H]: each sequence's last token, or its mean over its tokens."""
+    return batch.last(router_inputs) if pooling == "last" else batch.mean(router_inputs)
 
 
 def hidden_rows(plan: Plan, texts: list[ExpertTexts], pooling: str, ctx: RouterContext,
@@ -101,33 +100,36 @@ def hidden_rows(plan: Plan, texts: list[ExpertTexts], pooling: str, ctx: RouterC
     batched apart from the others', so its row is the same bytes whichever experts are computed
     with it: `edit` computes only the rows an edit needs."""
     chosen = list(range(len(texts))) if experts is None else experts
+    seq_len = plan.recipe.recipe.router.seq_len
     batches: list[Batch] = []
-    owners: list[tuple[int, int]] = []  # (expert, +1 positive / -1 negative) per batch
+    owners: list[tuple[int, int]] = []  # (expert, +1 positive / -1 negative) per sequence
     for e in chosen:
-        for sign, sequences in ((1, texts[e].train), (-1, texts[e].negative)):
-            made = make_batches(sequences, STREAM_BATCH)
-            batches += made
-            owners += [(e, sign)] * len(made)
+        mine = texts[e].train + texts[e].negative
+        batches += [replace(b, seq=b.seq + len(owners)) for b in pack(mine, seq_len, STREAM_BATCH)]
+        owners += [(e, 1)] * len(texts[e].train) + [(e, -1)] * len(texts[e].negative)
     rows = []
     with TensorReader() as reader:
         weights = FolderWeights(plan.inputs[BASE], reader)
-        stream = LayerStream(plan.inputs[BASE], weights, batches, ctx.device)
+        stream = LayerStream(plan.inputs[BASE], weights, batches, ctx.device, ctx.dtype)
         hidden = stream.embed()
         for index in _layers(stream.num_layers, "hidden states", ctx):
             hidden, router_inputs = stream.run(stream.decoder_layer(index), hidden)
-            pooled = [_pool(r, b.lengths, pooling) for r, b in zip(router_inputs, batches)]
-            rows.append(torch.stack([_signed_mean(pooled, owners, e) for e in chosen]))
+            pooled = torch.empty(len(owners), stream.hidden_size)
+            for r, b in zip(router_inputs, batches):
+                pooled[b.seq] = _pool(r, b, pooling)
+            rows.append(_signed_means(pooled, owners, chosen))
     return rows
 
 
-def _signed_mean(pooled: list[torch.Tensor], owners: list[tuple[int, int]], expert: int) -> torch.Tensor:
-    """One expert's row: mean of its pooled documents minus the mean of its negatives, unit length."""
-    row = torch.zeros(pooled[0].shape[1])
-    for sign in (1, -1):
-        mine = [p for p, owner in zip(pooled, owners) if owner == (expert, sign)]
-        if mine:
-            row += sign * torch.cat(mine).mean(0)
-    return row / row.norm().clamp(min=1e-8)
+def _signed_means(pooled: torch.Tensor, owners: list[tuple[int, int]], experts: list[int]) -> torch.Tensor:
+    """Each expert's row: mean of its pooled documents minus the mean of its negatives, unit length."""
+    row = torch.zeros(len(experts), pooled.shape[1])
+    for i, e in enumerate(experts):
+        for sign in (1, -1):
+            picked = [k for k, owner in enumerate(owners) if owner == (e, sign)]
+            if picked:
+                row[i] += sign * pooled[picked].mean(0)
+    return row / row.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
 
 def _layers(count: int, desc: str, ctx: RouterContext):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from mergekit_mode.build import check_apart, parse_device, write_model
+from mergekit_mode.build import check_apart, compute_dtype, parse_device, write_model
 from mergekit_mode.errors import ModeError
 from mergekit_mode.evaluate import DomainResult, check_ctx, evaluate_streams, tokenize_domains
 from mergekit_mode.plan import BASE, Plan, build_plan
@@ -109,8 +109,8 @@ def expert_folders(plan: Plan, domains: list[str]) -> dict[str, Path]:
 
 
 def sweep(plans: dict[str, Plan], out: Path, data: dict[str, Path], *, ctx: int, max_tokens: int, batch_size: int,
-          device: str, force: bool, quiet: bool, replace_foreign: bool = False, own_weight: bool = False
-          ) -> SweepResults:
+          device: str, force: bool, quiet: bool, replace_foreign: bool = False, own_weight: bool = False,
+          dtype: str = "float32") -> SweepResults:
     """Build every planned variant into OUT/<mode> and evaluate each on `data`, and each domain's
     own expert (the target) where a domain is named after one.
 
@@ -118,6 +118,7 @@ def sweep(plans: dict[str, Plan], out: Path, data: dict[str, Path], *, ctx: int,
     --data or --ctx fails before anything is built. An OUT this run made is removed again if the
     run fails before anything is in it."""
     check_ctx(ctx)
+    dev = parse_device(device)
     first = next(iter(plans.values()))
     streams = tokenize_domains(first.inputs[BASE].path, data, max_tokens)
     made = not out.exists()
@@ -127,15 +128,16 @@ def sweep(plans: dict[str, Plan], out: Path, data: dict[str, Path], *, ctx: int,
         for mode, plan in plans.items():
             if not quiet:
                 print(f"building {out / mode} ...", file=sys.stderr, flush=True)
-            write_model(plan, out / mode, force=force, replace_foreign=replace_foreign, device=device, quiet=quiet)
-            results[mode] = evaluate_streams(out / mode, streams, ctx=ctx, batch_size=batch_size,
-                                             device=parse_device(device), own_weight=own_weight)
+            write_model(plan, out / mode, force=force, replace_foreign=replace_foreign, device=device, quiet=quiet,
+                        dtype=dtype)
+            results[mode] = evaluate_streams(out / mode, streams, ctx=ctx, batch_size=batch_size, device=dev,
+                                             dtype=compute_dtype(dtype, dev), quiet=quiet, own_weight=own_weight)
     except BaseException:
         if made and not any(out.iterdir()):
             out.rmdir()
         raise
-    experts = {d: evaluate_streams(folder, {d: streams[d]}, ctx=ctx, batch_size=batch_size,
-                                   device=parse_device(device))[d]
+    experts = {d: evaluate_streams(folder, {d: streams[d]}, ctx=ctx, batch_size=batch_size, device=dev,
+                                   dtype=compute_dtype(dtype, dev), quiet=quiet)[d]
                for d, folder in expert_folders(first, list(streams)).items()}
     return SweepResults(results, experts)
 

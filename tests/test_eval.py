@@ -70,6 +70,25 @@ def test_perplexity_equals_exp_of_transformers_loss(llama, moe, texts, run_cli, 
         assert (domains[name]["routing"] is None) == (which == "dense")
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_layer_streamed_eval_of_qwen_bases_and_moes_equals_transformers_loss(request, texts, run_cli, tmp_path,
+                                                                              family):
+    """eval runs the Qwen formats layer by layer (Qwen2's q/k/v biases and shared expert with its gate,
+    Qwen3's q/k norms and rescaled top-k): the same perplexity as their transformers classes."""
+    fam = request.getfixturevalue(family)
+    extra = {"shared_expert": "base"} if family == "qwen2" else {}
+    recipe = write_recipe(tmp_path / "r.yml", fam.base, fam.experts, names=["a", "b", "c"],
+                          router={"mode": "noisy", "experts_per_token": 2, "std": 0.5}, **extra)
+    assert run_cli(recipe, tmp_path / "out", "-q").code == 0
+    for model in (fam.base, tmp_path / "out"):
+        domains = _eval(run_cli, model, texts, "--ctx", "37", "--batch-size", "3")
+        for name, file in texts.items():
+            expected, scored = reference_perplexity(model, file, 37)
+            assert domains[name]["tokens"] == scored
+            assert domains[name]["perplexity"] == pytest.approx(expected, rel=1e-5)
+            assert (domains[name]["routing"] is None) == (model == fam.base)
+
+
 def test_routing_shares_count_top_k_choices(moe, texts, run_cli):
     """Each expert's share of the tokens that pick it among their top 2, counted here from transformers'
     router logits; every layer sums to k = 2."""

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM

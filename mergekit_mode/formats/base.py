@@ -46,9 +46,6 @@ class OutputFormat(ABC):
     shared_expert_gate: ClassVar[Optional[str]] = None
     empty_shared_expert_size: ClassVar[int] = 0  # intermediate size of an unused (all-zero) shared expert
     ties_embeddings: ClassVar[bool] = True  # False: a tied base's lm_head is written as a copy of embed_tokens
-    # Parameter names in a decoder layer of the loaded transformers model (router training).
-    router_parameter: ClassVar[str] = "mlp.gate.weight"
-    shared_gate_parameter: ClassVar[Optional[str]] = None
 
     def expert_tensor(self, layer: int, expert: int, role: Role) -> str:
         return self.experts[role].format(layer=layer, expert=expert)

@@ -50,7 +50,6 @@ class Qwen2Moe(QwenMoe):
     renormalise = False
     shared_expert = {role: _LAYER + "shared_expert." + role.value + ".weight" for role in QwenMoe.experts}
     shared_expert_gate = _LAYER + "shared_expert_gate.weight"
-    shared_gate_parameter = "mlp.shared_expert_gate.weight"
     # An unused shared expert's size: one block of llama.cpp's q8_0 (32 values), so every export type
     # quantizes it, at a cost of 3 x 32 x hidden_size zeros per layer.
     empty_shared_expert_size = 32

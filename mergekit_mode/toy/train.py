@@ -39,11 +39,13 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def encode(tokenizer_dir: Path, text: str) -> torch.Tensor:
-    """Token ids of ``text`` as one 1-D stream, each line starting with BOS like a document."""
+def encode(tokenizer_dir: Path, text: str | list[str]) -> torch.Tensor:
+    """Token ids of ``text`` as one 1-D stream, each document starting with BOS: a string holds
+    one document per line (as router data files do), a list one document per item (multi-line
+    documents such as source files)."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    lines = [line for line in text.splitlines() if line]
-    ids = [i for row in tokenizer(lines)["input_ids"] for i in row]
+    docs = [doc for doc in (text.splitlines() if isinstance(text, str) else text) if doc]
+    ids = [i for row in tokenizer(docs)["input_ids"] for i in row]
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -87,10 +89,11 @@ def pretrain(
 def finetune(
     base_dir: Path,
     out_dir: Path,
-    text: str,
+    text: str | list[str],
     steps: int,
     *,
     mlp_only: bool = False,
+    lora: dict | None = None,
     batch_size: int = 8,
     ctx: int = 128,
     lr: float = 5e-3,
@@ -100,7 +103,8 @@ def finetune(
     """Fine-tune a copy of ``base_dir`` on ``text`` and save it (with tokenizer) to ``out_dir``.
 
     ``mlp_only`` trains only the MLP weights, so attention, norms and embeddings stay the
-    base's - exactly the part a Mixture-of-Domain-Experts keeps shared.
+    base's - exactly the part a Mixture-of-Domain-Experts keeps shared. ``lora`` (peft
+    LoraConfig arguments) trains a LoRA adapter instead and saves the adapter alone, as peft does.
     """
     blocks = to_blocks(encode(base_dir, text), ctx)
     gen = torch.Generator().manual_seed(seed)
@@ -110,7 +114,7 @@ def finetune(
             yield blocks[torch.randint(len(blocks), (batch_size,), generator=gen)]
 
     with torch_threads(num_threads):
-        return _train_and_save(base_dir, Path(out_dir), batches(), steps, lr=lr, mlp_only=mlp_only)
+        return _train_and_save(base_dir, Path(out_dir), batches(), steps, lr=lr, mlp_only=mlp_only, lora=lora)
 
 
 def _train_and_save(
@@ -121,6 +125,7 @@ def _train_and_save(
     *,
     lr: float,
     mlp_only: bool = False,
+    lora: dict | None = None,
 ) -> Path:
     """AdamW in float32, saved in the source checkpoint's dtype.
 
@@ -131,11 +136,14 @@ def _train_and_save(
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(src_dir, dtype="auto")
     save_dtype = model.dtype
     model.float().train()
-    params = []
-    for name, param in model.named_parameters():
-        param.requires_grad_(not mlp_only or ".mlp." in name)
-        if param.requires_grad:
-            params.append(param)
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(**lora))  # freezes everything but A and B
+    else:
+        for name, param in model.named_parameters():
+            param.requires_grad_(not mlp_only or ".mlp." in name)
+    params = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -152,7 +160,7 @@ def _train_and_save(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.to(save_dtype).save_pretrained(out_dir)
+    (model if lora is not None else model.to(save_dtype)).save_pretrained(out_dir)  # an adapter stays float32
     if out_dir.resolve() != Path(src_dir).resolve():
         copy_tokenizer(src_dir, out_dir)
     return out_dir

@@ -1,0 +1,252 @@
+"""Every data-driven stage on a real pretrained model: time and peak RSS against a baseline, one run.
+
+The model is SmolLM2-135M-Instruct (30 layers, hidden 576) with four experts fine-tuned here, two
+MLP-only and two LoRA adapters on all linear layers (real_model.py: made once, cached in the
+workdir). Each stage runs as a fresh process under /usr/bin/time -v (peak RSS), once with the
+code of a baseline git revision (extracted with `git archive`) and once with this checkout, on
+the same inputs, with the same threads (OMP_NUM_THREADS):
+
+- build: a gate-less MoE, written (the merge itself);
+- hidden: hidden-state routers (router.mode hidden) from max_tokens of each expert's text;
+- domain: objective domain, init zeros, --domain-steps per layer;
+- lm: objective lm, init zeros, --lm-steps steps (per-step time from the optimizer's steps);
+- eval: `eval` of a top-2 MoE on held-out text of every domain.
+
+Routers and perplexities of both runs are compared (the same result, not only the same time).
+With --depths, hidden and lm also run on the same models cut or repeated to 8, 16, 32 layers:
+their peak RSS should stay flat. Run by hand:
+
+    python benchmarks/bench_real.py [--workdir DIR] [--baseline REV] [--stages build,hidden,domain,lm,eval]
+        [--depths 8,16,32] [--threads 1] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("build", "hidden", "domain", "lm", "eval")
+# The last commit before issue 13's work: what "the current main" was when it started.
+DEFAULT_BASELINE = "a7a8b5c"
+
+
+def recipe(suite, router: dict, max_tokens: int) -> dict:
+    return {"base_model": str(suite.base), "experts": suite.expert_entries(),
+            "router": {**router, "max_tokens": max_tokens}}
+
+
+def stage_recipes(suite, args, lm_steps: int | None = None) -> dict[str, dict]:
+    top2 = {"experts_per_token": 2}
+    return {
+        "build": recipe(suite, {"mode": "gateless"}, args.max_tokens),
+        "hidden": recipe(suite, {"mode": "hidden", **top2}, args.max_tokens),
+        "domain": recipe(suite, {"mode": "trained", **top2, "train": {
+            "objective": "domain", "init": "zeros", "steps": args.domain_steps}}, args.max_tokens),
+        "lm": recipe(suite, {"mode": "trained", **top2, "train": {
+            "objective": "lm", "init": "zeros", "steps": lm_steps or args.lm_steps}}, args.max_tokens),
+        "eval": recipe(suite, {"mode": "noisy", **top2}, args.max_tokens),  # the MoE eval measures
+    }
+
+
+# -- the child: one stage, in the implementation PYTHONPATH names
+
+def run_stage(stage: str, recipe_file: Path, out: Path, device: str, dtype: str, data: list[str]) -> None:
+    import dataclasses
+    import inspect
+
+    import torch
+
+    stamps: list[float] = []
+    step = torch.optim.Adam.step
+
+    def timed_step(self, *a, **k):  # the optimizer's steps time the training, whatever the code
+        result = step(self, *a, **k)
+        stamps.append(time.perf_counter())
+        return result
+
+    torch.optim.Adam.step = timed_step
+    if dtype == "auto":  # only this checkout offers it
+        from mergekit_mode.build import compute_dtype
+
+        dtype = str(compute_dtype("auto", torch.device(device))).removeprefix("torch.")
+    start = time.perf_counter()
+    report: dict = {}
+    if stage == "build":
+        from mergekit_mode.cli import main
+
+        try:
+            main([str(recipe_file), str(out), "-q", "--force"])
+        except SystemExit as e:
+            if e.code:
+                raise
+    elif stage == "eval":
+        from mergekit_mode.evaluate import evaluate, parse_data
+
+        # what the implementation offers (a baseline may predate quiet and the compute dtype)
+        kwargs = {"quiet": True, "dtype": getattr(torch, dtype)}
+        kwargs = {k: v for k, v in kwargs.items() if k in inspect.signature(evaluate).parameters}
+        results = evaluate(out, parse_data(tuple(data)), ctx=128, batch_size=8, device=torch.device(device), **kwargs)
+        report["perplexity"] = {d: r.perplexity for d, r in results.items()}
+    else:
+        from mergekit_mode.build import plan_recipe
+        from mergekit_mode.routers import RouterContext, make_routers
+
+        plan = plan_recipe(recipe_file)
+        has_dtype = "dtype" in {f.name for f in dataclasses.fields(RouterContext)}
+        kwargs = {"dtype": getattr(torch, dtype)} if has_dtype else {}
+        routers = make_routers(plan, RouterContext(torch.device(device), quiet=True, **kwargs))
+        torch.save([r.float() for r in routers], out)
+    report["seconds"] = time.perf_counter() - start
+    if len(stamps) > 1:
+        report["first_step"] = stamps[0] - start
+        report["per_step"] = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    print("STAGE " + json.dumps(report))
+
+
+# -- the parent
+
+def stage_run(cmd: list[str], env: dict) -> tuple[float, float, dict]:
+    """(wall seconds, peak RSS GB, the stage's own report) of a fresh process."""
+    from bench_merge import timed
+
+    wall, rss, stdout = timed(cmd, env=env)
+    return wall, rss, json.loads(re.search(r"^STAGE (.*)$", stdout, re.M).group(1))
+
+
+def baseline_tree(work: Path, rev: str) -> Path:
+    """The baseline revision's source tree (git archive), extracted once."""
+    sha = subprocess.run(["git", "rev-parse", rev], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    tree = work / f"baseline-{sha[:10]}"
+    if not (tree / "mergekit_mode").is_dir():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", sha, "mergekit_mode"], cwd=REPO, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree
+
+
+class Runner:
+    def __init__(self, args, work: Path, trees: dict[str, Path]) -> None:
+        self.args, self.work, self.trees = args, work, trees
+
+    def stage(self, impl: str, stage: str, suite, tag: str = "", lm_steps: int | None = None
+              ) -> tuple[float, float, dict, Path]:
+        import yaml
+
+        args = self.args
+        folder = self.work / "runs" / f"{impl}{tag}"
+        folder.mkdir(parents=True, exist_ok=True)
+        recipe_file = folder / f"{stage}.yml"
+        recipe_file.write_text(yaml.safe_dump(stage_recipes(suite, args, lm_steps)[stage], sort_keys=False))
+        out = folder / (f"{stage}-out" if stage == "build" else f"{stage}.pt")
+        data: list[str] = []
+        if stage == "eval":  # the MoE to evaluate is built beforehand (not timed), by this checkout
+            out = self.work / "runs" / f"eval-moe{tag}"
+            if not (out / "config.json").exists():
+                eval_recipe = folder / "eval-moe.yml"
+                eval_recipe.write_text(yaml.safe_dump(stage_recipes(suite, args)["eval"], sort_keys=False))
+                subprocess.run([sys.executable, "-m", "mergekit_mode", str(eval_recipe), str(out), "-q", "--force"],
+                               check=True, env=self.env("new"))
+            data = [f"{d}={p}" for d, p in suite.eval_texts.items()]
+        dtype = args.compute_dtype if impl == "new" else "float32"
+        cmd = [sys.executable, __file__, "--run-stage", stage, "--recipe", str(recipe_file), "--out", str(out),
+               "--device", args.device, "--dtype", dtype, *(f"--data={d}" for d in data)]
+        wall, rss, report = stage_run(cmd, self.env(impl))
+        print(f"  {impl:>8} {stage}{tag}: {wall:.1f} s wall, {report['seconds']:.1f} s in the stage, "
+              f"{rss:.2f} GB peak RSS" + (f", {report['per_step']:.2f} s/step" if "per_step" in report else ""),
+              file=sys.stderr, flush=True)
+        return wall, rss, report, out
+
+    def env(self, impl: str) -> dict:
+        return {**os.environ, "PYTHONPATH": str(self.trees[impl]), "OMP_NUM_THREADS": str(self.args.threads),
+                "TOKENIZERS_PARALLELISM": "false"}
+
+
+def compare(a: Path, b: Path) -> str:
+    """How far two routers files differ (max |difference| / max |value|)."""
+    import torch
+
+    x, y = torch.load(a), torch.load(b)
+    scale = max(float(t.abs().max()) for t in x) or 1.0
+    return f"{max(float((s - t).abs().max()) for s, t in zip(x, y)) / scale:.1e}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mergekit-mode-real",
+                    help="models, texts and runs (kept: a second run skips the training of the experts)")
+    ap.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare with")
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--depths", default="8,16,32", help="layer counts for the RSS-in-depth runs ('' for none)")
+    ap.add_argument("--max-tokens", type=int, default=8000, help="router text per expert (tokens)")
+    ap.add_argument("--domain-steps", type=int, default=150)
+    ap.add_argument("--lm-steps", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compute-dtype", default="auto", choices=["float32", "bfloat16", "auto"],
+                    help="of this checkout's runs (the baseline computes in float32)")
+    ap.add_argument("--dtype", help=argparse.SUPPRESS)
+    ap.add_argument("--run-stage", choices=STAGES, help=argparse.SUPPRESS)
+    ap.add_argument("--recipe", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--data", action="append", default=[], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run_stage:
+        return run_stage(args.run_stage, args.recipe, args.out, args.device, args.dtype, args.data)
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import real_model
+
+    work = args.workdir
+    suite = real_model.suite(work)
+    runner = Runner(args, work, {"baseline": baseline_tree(work, args.baseline), "new": REPO})
+    stages = [s for s in args.stages.split(",") if s]
+    rows = []
+    print(f"real model: {real_model.GGUF} ({real_model.LAYERS} layers), experts {', '.join(real_model.EXPERTS)}; "
+          f"{args.threads} thread(s), {os.cpu_count()} cores, device {args.device}; baseline {args.baseline}",
+          file=sys.stderr)
+    for stage in stages:
+        base = runner.stage("baseline", stage, suite)
+        new = runner.stage("new", stage, suite)
+        rows.append((stage, base, new))
+    print("\n| stage | baseline s | new s | speed-up | baseline RSS GB | new RSS GB | RSS ratio | same result |")
+    print("|---|---|---|---|---|---|---|---|")
+    for stage, (bw, br, brep, bout), (nw, nr, nrep, nout) in rows:
+        if stage == "eval":
+            same = "perplexity rel. diff " + ", ".join(
+                f"{d} {abs(nrep['perplexity'][d] / brep['perplexity'][d] - 1):.1e}" for d in brep["perplexity"])
+        elif stage == "build":
+            same = "-"
+        else:
+            same = f"routers rel. diff {compare(bout, nout)}"
+        speed = brep["seconds"] / nrep["seconds"]
+        extra = ""
+        if "per_step" in brep and "per_step" in nrep and stage == "lm":
+            b, n = brep["per_step"], nrep["per_step"]
+            extra = f" (per step {b:.2f} -> {n:.2f} s: {b / n:.2f}x)"
+        print(f"| {stage} | {brep['seconds']:.1f} | {nrep['seconds']:.1f} | {speed:.2f}x{extra} | {br:.2f} | {nr:.2f} | "
+              f"{nr / br:.2f}x | {same} |")
+    print("\n(stage seconds: inside the process, after imports; RSS: the whole process, /usr/bin/time -v)")
+
+    depths = [int(d) for d in args.depths.split(",") if d]
+    if depths:
+        print("\n| stage | impl | " + " | ".join(f"{d} layers RSS GB" for d in depths) + " |")
+        print("|---|---|" + "---|" * len(depths))
+        for stage in ("hidden", "lm"):
+            for impl in ("baseline", "new"):
+                cells = []
+                for d in depths:
+                    _, rss, _, _ = runner.stage(impl, stage, real_model.suite(work, layers=d), tag=f"-L{d}", lm_steps=2)
+                    cells.append(f"{rss:.2f}")
+                print(f"| {stage} | {impl} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
