@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,30 +34,57 @@ def staging(tmp_path: Path) -> list[Path]:
     return [p for p in tmp_path.iterdir() if "mergekit-mode" in p.name]
 
 
+def _interruptible() -> None:
+    """In the child: Ctrl-C's default action back. A test run started in the background by a shell
+    without job control inherits SIGINT ignored, and the build would rightly ignore it too."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(recipe: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mergekit_mode", str(recipe), str(out), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
 
 
-def stop_while_writing(proc: subprocess.Popen, tmp_path: Path) -> None:
-    """Freeze the build the moment its first shard appears, so the signal lands mid-write."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if any(any(s.glob("*.safetensors")) for s in staging(tmp_path)):
-            proc.send_signal(signal.SIGSTOP)
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"build ended before it could be interrupted: {proc.stderr.read()}")
-        time.sleep(0.001)
-    pytest.fail("build never started writing")
+def _state(pid: int) -> str:
+    """The process state letter from /proc (T: stopped, Z: exited but not yet reaped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def start_stopped_while_writing(recipe: Path, out: Path, tmp_path: Path, tries: int = 5) -> subprocess.Popen:
+    """A build frozen the moment its first shard appears, so a signal lands mid-write.
+
+    On a loaded machine this test may not run again until the build has finished: SIGSTOP then
+    reaches a process that has already exited (a zombie), and any signal after it is void. Such a
+    try proves nothing either way, so the build is run again from scratch."""
+    for _ in range(tries):
+        proc = start(recipe, out)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if any(any(s.glob("*.safetensors")) for s in staging(tmp_path)):
+                proc.send_signal(signal.SIGSTOP)
+                while (state := _state(proc.pid)) not in "TZ":
+                    time.sleep(0.001)
+                if state == "T":
+                    return proc
+                break  # finished before it could be frozen: try again
+            if proc.poll() is not None:
+                break
+            time.sleep(0.001)
+        else:
+            proc.kill()
+            pytest.fail("build never started writing")
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            pytest.fail(f"build failed: {err}")
+        shutil.rmtree(out, ignore_errors=True)
+    pytest.fail(f"the build finished before it could be frozen mid-write in {tries} tries")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_mid_write_leaves_nothing(big, tmp_path, sig):
     base, experts = big
     recipe = write_recipe(tmp_path / "r.yml", base, experts, output={"shard_size": "5MB"})
-    proc = start(recipe, tmp_path / "out")
-    stop_while_writing(proc, tmp_path)
+    proc = start_stopped_while_writing(recipe, tmp_path / "out", tmp_path)
     proc.send_signal(sig)
     proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
@@ -67,8 +95,7 @@ def test_signal_mid_write_leaves_nothing(big, tmp_path, sig):
 def test_sigkill_then_rerun_gives_the_same_bytes(big, tmp_path):
     base, experts = big
     recipe = write_recipe(tmp_path / "r.yml", base, experts, router={"mode": "noisy"}, output={"shard_size": "5MB"})
-    proc = start(recipe, tmp_path / "out")
-    stop_while_writing(proc, tmp_path)
+    proc = start_stopped_while_writing(recipe, tmp_path / "out", tmp_path)
     proc.kill()
     proc.wait()
     assert not (tmp_path / "out").exists() and staging(tmp_path)  # a killed run can't clean up...
