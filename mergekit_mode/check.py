@@ -146,8 +146,10 @@ def _quiet_loading(quiet: bool) -> Iterator[None]:
 
 def run_check(model_dir: Path, loaded: LoadedRecipe, spec: CheckSpec, *, device: torch.device,
               quiet: bool = False, where: str = "--data") -> CheckReport:
-    """Perplexity of every domain on the model and on its reference; the report says which fail."""
-    from mergekit_mode.evaluate import check_ctx, evaluate_domain, load_model, tokenize_domains
+    """Perplexity of every domain on the model and on its reference; the report says which fail. The
+    model runs one decoder layer at a time where its format allows (evaluate_streams), so checking a
+    MoE of several 7B experts does not hold all of them in float32; each reference is one dense model."""
+    from mergekit_mode.evaluate import check_ctx, evaluate_domain, evaluate_streams, tokenize_domains
 
     check_ctx(spec.ctx)
     data = {name: loaded.resolve(path) for name, path in spec.data.items()}
@@ -167,7 +169,9 @@ def run_check(model_dir: Path, loaded: LoadedRecipe, spec: CheckSpec, *, device:
                 bar.update()
             return out
 
-        mine = scores(lambda dev: load_model(model_dir, dev), list(data))
+        mine = evaluate_streams(model_dir, streams, ctx=spec.ctx, batch_size=spec.batch_size, device=device,
+                                quiet=True)
+        bar.update(len(mine))
         theirs = {}
         for load, domains in by_loader.items():
             theirs.update(scores(load, domains))

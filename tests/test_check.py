@@ -85,6 +85,24 @@ def test_a_trained_router_passes_and_check_agrees_with_eval(trained_moe, domain_
         assert row["ratio"] == pytest.approx(moe.perplexity / expert.perplexity, rel=1e-6)
 
 
+def test_check_runs_the_moe_layer_by_layer(trained_moe, domain_suite, run_cli, monkeypatch):
+    """The MoE is never loaded whole (E experts in float32 would not fit beside a 7B base); only the
+    dense references are."""
+    import mergekit_mode.evaluate as evaluate_module
+
+    loaded = []
+    real_load = evaluate_module.load_model
+
+    def load_model(path, *args, **kwargs):
+        loaded.append(Path(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "load_model", load_model)
+    result = run_cli("check", trained_moe, *_data(domain_suite), "--max-ratio", "1.05", "-q")
+    assert result.code == 0, result.err
+    assert trained_moe not in loaded and sorted(loaded) == sorted(domain_suite.experts.values())
+
+
 def test_check_marks_failing_rows_and_exits_1(trained_moe, domain_suite, run_cli):
     result = run_cli("check", trained_moe, *_data(domain_suite), "--max-ratio", "0.5", "-q")
     assert result.code == 1 and result.err.startswith("check failed: 3 of 3 domains above 0.5x")
