@@ -222,6 +222,8 @@ def pack(sequences: list[Sequence], width: int, rows_per_batch: int, pad_id: int
 # Weights read or computed once are kept up to this many bytes (as stored, e.g. bf16), so a small
 # model is read once however often its layers run; larger ones stream, with memory still flat.
 WEIGHT_CACHE_BYTES = 64 << 20
+# Tokens per dense-MLP call in `run` (see feed_forward).
+MLP_CHUNK_TOKENS = 1024
 
 
 class LayerStream:
@@ -398,10 +400,17 @@ class LayerStream:
         return values
 
     @staticmethod
-    def feed_forward(layer: nn.Module, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the layer's output, the MLP's input, i.e. the router input) from the residual stream."""
+    def feed_forward(layer: nn.Module, residual: torch.Tensor, chunk: Optional[int] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the layer's output, the MLP's input, i.e. the router input) from the residual stream.
+        With `chunk`, a dense MLP runs on that many tokens at a time: its [tokens, intermediate]
+        activations, several of them alive at once, are what peaks in a no-grad pass over a batch."""
         router_input = layer.post_attention_layernorm(residual)
-        return residual + layer.mlp(router_input), router_input
+        if chunk is None:
+            return residual + layer.mlp(router_input), router_input
+        flat = router_input.reshape(-1, router_input.shape[-1])
+        out = torch.cat([layer.mlp(part) for part in flat.split(chunk)]).reshape(residual.shape)
+        return residual + out, router_input
 
     def forward(self, layer: nn.Module, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         return self.feed_forward(layer, self.attend(layer, x, batch))[0]
@@ -411,7 +420,7 @@ class LayerStream:
         """(next hidden states in the compute dtype, router inputs in float32) per batch, on the CPU."""
         out, router_inputs = [], []
         for h, batch in zip(hidden, self.batches):
-            y, u = self.feed_forward(layer, self.attend(layer, h.to(self.device), batch))
+            y, u = self.feed_forward(layer, self.attend(layer, h.to(self.device), batch), chunk=MLP_CHUNK_TOKENS)
             out.append(y.cpu())
             router_inputs.append(u.float().cpu())
         return out, router_inputs
