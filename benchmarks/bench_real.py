@@ -13,8 +13,8 @@ the same inputs, with the same threads (OMP_NUM_THREADS):
 - eval: `eval` of a top-2 MoE on held-out text of every domain.
 
 Routers and perplexities of both runs are compared (the same result, not only the same time).
-With --depths, hidden and lm also run on the same models cut or repeated to 8, 16, 32 layers:
-their peak RSS should stay flat. Run by hand:
+With --depths, hidden and lm also run on the same models cut or repeated to 8, 16, 32 layers
+(this checkout only, unless --depth-baseline): their peak RSS should stay flat. Run by hand:
 
     python benchmarks/bench_real.py [--workdir DIR] [--baseline REV] [--stages build,hidden,domain,lm,eval]
         [--depths 8,16,32] [--threads 1] [--device cpu]
@@ -73,6 +73,12 @@ def run_stage(stage: str, recipe_file: Path, out: Path, device: str, dtype: str,
         return result
 
     torch.optim.Adam.step = timed_step
+    try:  # what the CLI sets up (the baseline predates it)
+        from mergekit_mode.allocator import fix_mmap_threshold
+
+        fix_mmap_threshold()
+    except ImportError:
+        pass
     if dtype == "auto":  # only this checkout offers it
         from mergekit_mode.build import compute_dtype
 
@@ -95,6 +101,8 @@ def run_stage(stage: str, recipe_file: Path, out: Path, device: str, dtype: str,
         kwargs = {k: v for k, v in kwargs.items() if k in inspect.signature(evaluate).parameters}
         results = evaluate(out, parse_data(tuple(data)), ctx=128, batch_size=8, device=torch.device(device), **kwargs)
         report["perplexity"] = {d: r.perplexity for d, r in results.items()}
+        report["floor"] = matmul_floor(json.loads((out / "config.json").read_text()),
+                                       sum(r.tokens for r in results.values()))
     else:
         from mergekit_mode.build import plan_recipe
         from mergekit_mode.routers import RouterContext, make_routers
@@ -109,6 +117,35 @@ def run_stage(stage: str, recipe_file: Path, out: Path, device: str, dtype: str,
         report["first_step"] = stamps[0] - start
         report["per_step"] = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     print("STAGE " + json.dumps(report))
+
+
+def matmul_floor(cfg: dict, tokens: int, chunk: int = 1024, repeats: int = 3) -> float:
+    """Seconds that the float32 matmuls of a top-k MoE's forward over `tokens` tokens take here, and
+    nothing else (attention projections, each token's k experts, the LM head; no attention scores,
+    norms, activations, reads or loss): what no implementation of eval can beat on this CPU without
+    doing less arithmetic or doing it in a faster dtype. Timed in the stage's own process."""
+    import torch
+    import torch.nn.functional as F
+
+    h = cfg["hidden_size"]
+    head_dim = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    layer = [(q, h), (kv, h), (kv, h), (h, q)] + [(inter, h), (inter, h), (h, inter)] * cfg["num_experts_per_tok"]
+    head = [(cfg["vocab_size"], h)]
+    weights = {s: torch.randn(*s) for s in {*layer, *head}}
+    inputs = {n: torch.randn(chunk, n) for n in {h, q, inter}}
+
+    def seconds(shapes: list[tuple[int, int]]) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for shape in shapes:
+                F.linear(inputs[shape[1]], weights[shape])
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    return (seconds(layer) * cfg["num_hidden_layers"] + seconds(head)) * tokens / chunk
 
 
 # -- the parent
@@ -185,6 +222,8 @@ def main() -> None:
     ap.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare with")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--depths", default="8,16,32", help="layer counts for the RSS-in-depth runs ('' for none)")
+    ap.add_argument("--depth-baseline", action="store_true",
+                    help="run the baseline at every depth too (its lm holds the whole MoE in float32: slow)")
     ap.add_argument("--max-tokens", type=int, default=8000, help="router text per expert (tokens)")
     ap.add_argument("--domain-steps", type=int, default=150)
     ap.add_argument("--lm-steps", type=int, default=6)
@@ -222,6 +261,8 @@ def main() -> None:
         if stage == "eval":
             same = "perplexity rel. diff " + ", ".join(
                 f"{d} {abs(nrep['perplexity'][d] / brep['perplexity'][d] - 1):.1e}" for d in brep["perplexity"])
+            same += (f"; time / float32 matmul floor: baseline {brep['seconds'] / brep['floor']:.2f}x, "
+                     f"new {nrep['seconds'] / nrep['floor']:.2f}x (floor {brep['floor']:.0f} s, {nrep['floor']:.0f} s)")
         elif stage == "build":
             same = "-"
         else:
@@ -240,7 +281,7 @@ def main() -> None:
         print("\n| stage | impl | " + " | ".join(f"{d} layers RSS GB" for d in depths) + " |")
         print("|---|---|" + "---|" * len(depths))
         for stage in ("hidden", "lm"):
-            for impl in ("baseline", "new"):
+            for impl in ("baseline", "new") if args.depth_baseline else ("new",):
                 cells = []
                 for d in depths:
                     _, rss, _, _ = runner.stage(impl, stage, real_model.suite(work, layers=d), tag=f"-L{d}", lm_steps=2)
