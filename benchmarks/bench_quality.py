@@ -76,6 +76,9 @@ FULL_VARIANTS: dict[str, tuple[dict, dict | None]] = {
     "stem linear + trained (defaults)": (TRAINED[DEFAULT], {"merge_method": "linear", "parameters": {"weight": 1.0}}),
 }
 MARGIN = 1.05  # target: within 5% of the expert
+BEST = "best single model"  # per domain, the lowest perplexity of the base and every expert
+# Rows that are references, not MoE variants.
+REFERENCES = ("base", "own expert", "oracle top-1", BEST)
 CLEARLY = 0.98  # an expert "clearly" beats the base: at least 2% lower perplexity on its domain
 
 
@@ -113,6 +116,7 @@ class Run:
     own_weight: dict[str, dict[str, dict]] = field(default_factory=dict)  # trained variant -> domain -> OwnWeight
     seconds: dict[str, float] = field(default_factory=dict)
     positions: dict[str, list[float]] = field(default_factory=dict)  # domain -> position_gap of the default router
+    entries: list[dict] = field(default_factory=list)  # the recipe's experts (default: each expert's folder)
 
     @property
     def domains(self) -> list[str]:
@@ -154,8 +158,8 @@ class Run:
     def build(self, name: str, router: dict, stem: dict | None) -> Path:
         recipe = {
             "base_model": str(self.suite.base_dir),
-            "experts": [{"name": d, "model": str(p), "data": str(self.suite.train_texts[d])}
-                        for d, p in self.experts.items()],
+            "experts": self.entries or [{"name": d, "model": str(p), "data": str(self.suite.train_texts[d])}
+                                        for d, p in self.experts.items()],
             "router": router,
         } | ({"stem": stem} if stem else {})
         folder = self.root / "moe" / slug(name)
@@ -317,11 +321,14 @@ def targets(run: Run) -> list[str]:
     lines = [f"- Each expert at least 2% below the base on its own domain: {verdict(worse, run, 'own expert', 'base')} "
              "(expert/base: " + ", ".join(f"{d} {run.ratio('own expert', d, 'base'):.3f}" for d in run.domains)
              + f"); off its domain an expert is {min(off):.2f}x-{max(off):.2f}x the base.",
-             "- The oracle (each domain's expert alone, through the MoE) equals the expert: largest difference "
-             f"{max(abs(run.ratio('oracle top-1', d) - 1) for d in run.domains):.1e}."]
+             "- The oracle (each domain's expert MLP alone, through the MoE) against the expert: largest difference "
+             f"{max(abs(run.ratio('oracle top-1', d) - 1) for d in run.domains):.1e} (0 when every expert is "
+             "MLP-only; a LoRA expert also moved its attention, which the MoE does not take)."]
     for name in [n for n in TRAINED if n in rows]:
-        lines.append(f"- {name} within 5% of each expert on every domain: {verdict(run.missed(name), run, name)}.")
-    for name in [r for r in model_rows(run) if r not in ("base", "own expert", "oracle top-1")]:
+        lines.append(f"- {name} within 5% of each expert on every domain: {verdict(run.missed(name), run, name)}; "
+                     f"no worse than the best single model (base or any expert) on every domain: "
+                     f"{verdict([d for d in run.domains if run.ratio(name, d, BEST) > 1], run, name, BEST)}.")
+    for name in [r for r in model_rows(run) if r not in REFERENCES]:
         below = [d for d in run.domains if rows[name][d] < rows["base"][d]]
         lines.append(f"- {name}: below the base on {len(below)} of {len(run.domains)} domains; worst ratio to "
                      f"the expert {run.worst(name):.3f}.")
@@ -335,23 +342,33 @@ def off_domain(run: Run) -> list[float]:
 
 
 def measure_off_domain(run: Run) -> None:
+    """Every expert on the other domains, and from them the best single model of each domain."""
     for e, path in run.experts.items():
         others = {d: p for d, p in run.suite.eval_texts.items() if d != e}
         run.rows[f"expert {e} off-domain"] = perplexities(path, others)
+    run.rows[BEST] = best_single(run)
+
+
+def best_single(run: Run) -> dict[str, float]:
+    """Per domain, the lowest perplexity of the base and every expert (on and off its domain)."""
+    singles = [r for n, r in run.rows.items() if n in ("base", "own expert") or n.endswith("off-domain")]
+    return {d: min(s[d] for s in singles if d in s) for d in run.domains}
 
 
 def summary(runs: list[tuple[Fixture, Run]]) -> list[str]:
-    names = [n for n in model_rows(runs[0][1]) if n not in ("base", "own expert", "oracle top-1")
-             and all(n in r.rows for _, r in runs)]
+    names = [n for n in dict.fromkeys(m for _, r in runs for m in model_rows(r)) if n not in REFERENCES]
     head = "| variant | " + " | ".join(f"{f.name} ({f.role})" for f, _ in runs) + " |"
     lines = [head, "|---" * (len(runs) + 1) + "|"]
     for name in names:
-        cells = [f"{r.worst(name):.3f}" + ("" if not r.missed(name) else f" ({len(r.missed(name))} missed)")
-                 for _, r in runs]
+        cells = ["-" if name not in r.rows else f"{r.worst(name):.3f}" +
+                 ("" if not r.missed(name) else f" ({len(r.missed(name))} missed)") for _, r in runs]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if all(r.positions for _, r in runs):  # the default router once a window has context (position_gap)
-        cells = [f"{max(late for _, late, _ in r.positions.values()):.3f}" for _, r in runs]
-        lines.append(f"| {DEFAULT}, tokens after the first {EARLY} of each window | " + " | ".join(cells) + " |")
+    # the default router once a window has context (position_gap)
+    cells = [f"{max(late for _, late, _ in r.positions.values()):.3f}" if r.positions else "-" for _, r in runs]
+    lines.append(f"| {DEFAULT}, tokens after the first {EARLY} of each window | " + " | ".join(cells) + " |")
+    cells = [f"{r.worst(DEFAULT, BEST):.3f}" if BEST in r.rows else "-" for _, r in runs]
+    lines.append(f"| {DEFAULT}, against the {BEST} (base or any expert; target <= 1.000 on the real model) | "
+                 + " | ".join(cells) + " |")
     return lines
 
 
@@ -369,17 +386,19 @@ def report(runs: list[tuple[Fixture, Run]], full: Run | None, setup: str, timing
             "## Summary: worst ratio to the domain's own expert (target <= 1.05)", "", *summary(runs), "",
             findings, ""]
     for fixture, run in runs:
-        models = [r for r in model_rows(run) if r not in ("base", "own expert", "oracle top-1")]
+        models = [r for r in model_rows(run) if r not in REFERENCES]
         out += [f"## {fixture.name} ({fixture.role})", "", "Perplexity on held-out text (lower is better):", "",
                 *table(run, model_rows(run)), "", "Ratio to the domain's own expert:", "",
                 *table(run, ["base", "oracle top-1", *models], "own expert"), "",
+                f"Ratio to the {BEST} (per domain, the lowest perplexity of the base and every expert):", "",
+                *table(run, ["base", "own expert", *models], BEST), "",
                 "Where the trained routers lose to the expert (ratios to the expert): `router` is the MoE as "
                 "built, `oracle top-k` the same MoE with the domain's expert forced among the top k at the router's "
                 "weights (what remains is soft mixing), `oracle top-1` the domain's expert alone. Own weight: the "
                 "weight each token gives its domain's expert (0 when not among the top k), over layers.", "",
                 *analysis(run), "", *position_table(run), "Targets:", "", *targets(run), ""]
     if full is not None:
-        models = [r for r in model_rows(full) if r not in ("base", "own expert", "oracle top-1")]
+        models = [r for r in model_rows(full) if r not in REFERENCES]
         out += ["## Full fine-tunes (development fixture)", "",
                 "The same base and text, every weight fine-tuned: the oracle (base stem + the expert's MLP) is no "
                 "longer the expert, since the expert's attention moved too.", "",
@@ -401,7 +420,7 @@ def plot(runs: list[tuple[Fixture, Run]], path: Path, top: float = 2.0) -> None:
                              gridspec_kw={"width_ratios": [3, 1]})
     cmap = plt.get_cmap("tab20")
     for (ax, hist_ax), (fixture, run) in zip(axes, runs):
-        models = [r for r in model_rows(run) if r not in ("own expert", "oracle top-1")]
+        models = [r for r in model_rows(run) if r not in ("own expert", "oracle top-1", BEST)]
         width = 0.85 / len(models)
         for i, model in enumerate(models):
             ratios = [run.ratio(model, d) for d in run.domains]
@@ -447,9 +466,12 @@ def from_json(*files: Path) -> tuple[list[tuple[Fixture, Run]], Run | None, list
     """The runs of one or more reports' JSON (fixtures measured in separate runs), to render them
     as one report (--rerender) without measuring."""
     def run(label: str, numbers: dict) -> Run:
-        return Run(label, Path(), None, dict.fromkeys(numbers["domains"]), numbers["perplexity"],  # type: ignore
-                   numbers["oracle_topk"], numbers["own_weight"], numbers["build_seconds"],
-                   numbers.get("positions", {}))
+        run = Run(label, Path(), None, dict.fromkeys(numbers["domains"]), numbers["perplexity"],  # type: ignore
+                  numbers["oracle_topk"], numbers["own_weight"], numbers["build_seconds"],
+                  numbers.get("positions", {}))
+        if BEST not in run.rows:  # reports written before the row existed
+            run.rows[BEST] = best_single(run)
+        return run
 
     runs, full, timings = [], None, []
     for data in (json.loads(f.read_text()) for f in files):
@@ -519,9 +541,10 @@ def main() -> None:
         timings.append(f"- {name}: tokenizer, base and {len(fixture.domains)} experts ({args.pretrain_steps} and "
                        f"{args.finetune_steps} steps; 0 s when reused from the workdir): "
                        f"{time.perf_counter() - start:.0f} s")
-        run = Run(name, work / "runs" / name, suite, suite.experts)
+        run = Run(name, work / "runs" / name, suite, suite.experts, entries=fixture.recipe_experts(suite))
         start = time.perf_counter()
-        run.measure({n: (VARIANTS[n], None) for n in args.variants.split(";")})
+        chosen = [n for n in args.variants.split(";") if fixture.variants is None or n in fixture.variants]
+        run.measure({n: (VARIANTS[n], None) for n in chosen}, probes=fixture.variants is None)
         measure_off_domain(run)
         builds = ", ".join(f"{n} {s:.1f} s" for n, s in run.seconds.items())
         timings.append(f"- {name}: builds and evals {time.perf_counter() - start:.0f} s (builds: {builds})")

