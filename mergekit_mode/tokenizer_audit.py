@@ -257,7 +257,8 @@ def _differences(loaded: LoadedRecipe, base: Optional[Tokenizer], base_folder: P
             check_same_ids(base, folders.tokenizer)
             differ = _settings_differ(base, folders.tokenizer)
             if differ and "chat_template" not in chosen:
-                yield (f"{folders.tokenizer.where}: its {', '.join(differ)} differ from base_model's; the output "
+                verb = "differs" if len(differ) == 1 else "differ"
+                yield (f"{folders.tokenizer.where}: its {', '.join(differ)} {verb} from base_model's; the output "
                        f"carries base_model's (set chat_template: base, or {{from: {name}}})")
         generation = _generation(folders.generation_folder, folders.generation_where)
         if generation is not None and generation != base_generation and "generation_config" not in chosen:
