@@ -111,6 +111,7 @@ def run_stage(stage: str, recipe_file: Path, out: Path, device: str, dtype: str,
         has_dtype = "dtype" in {f.name for f in dataclasses.fields(RouterContext)}
         kwargs = {"dtype": getattr(torch, dtype)} if has_dtype else {}
         routers = make_routers(plan, RouterContext(torch.device(device), quiet=True, **kwargs))
+        routers = getattr(routers, "routers", routers)  # Gates since issue 12, a list before
         torch.save([r.float() for r in routers], out)
     report["seconds"] = time.perf_counter() - start
     if len(stamps) > 1:

@@ -217,7 +217,9 @@ def with_layers(src: Path, dst: Path, layers: int) -> Path:
             out = {}
             for layer in range(layers):
                 source = f".layers.{layer % LAYERS}."
-                out |= {pattern.sub(f".layers.{layer}.", k, count=1): v for k, v in tensors.items() if source in k}
+                # a repeated layer gets its own copies (safetensors refuses to save shared tensors)
+                out |= {pattern.sub(f".layers.{layer}.", k, count=1): v if layer < LAYERS else v.clone()
+                        for k, v in tensors.items() if source in k}
             out |= {k: v for k, v in tensors.items() if not pattern.search(k)}
             save_file(out, dst / file.name, metadata={"format": "pt"})
         elif file.name == "config.json":

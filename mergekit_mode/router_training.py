@@ -118,7 +118,8 @@ def _fit(x: torch.Tensor, y: torch.Tensor, init: torch.Tensor, fit: Fit, tokens_
     opt = torch.optim.Adam([weight], lr=fit.lr)
     for _ in range(fit.steps):
         pick = torch.randint(len(x), (tokens_per_step,), generator=gen).to(device)
-        loss = F.cross_entropy(x[pick] @ weight.T, y[pick])
+        # index_select: the same rows as x[pick], several times faster on a CPU
+        loss = F.cross_entropy(x.index_select(0, pick) @ weight.T, y.index_select(0, pick))
         opt.zero_grad()
         loss.backward()
         opt.step()
