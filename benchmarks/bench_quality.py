@@ -485,7 +485,8 @@ def from_json(*files: Path) -> tuple[list[tuple[Fixture, Run]], Run | None, list
 SETUP = (
     "Measured by `python benchmarks/bench_quality.py` on this machine (1 torch thread). Each fixture "
     "(benchmarks/fixtures.py) is a tokenizer, a tiny Llama base pretrained on an even mix of its domains and one "
-    "MLP-only expert per domain fine-tuned from it; MoEs are built with `mergekit-mode RECIPE OUT`, each router made "
+    "MLP-only expert per domain fine-tuned from it (except smollm2: the real model of benchmarks/real_model.py, with two "
+    "MLP-only experts and two LoRA adapters); MoEs are built with `mergekit-mode RECIPE OUT`, each router made "
     "from every expert's training text (router.max_tokens 20000 per expert), and perplexity comes from "
     "`mergekit-mode eval --json` on held-out text of each domain (windows of 128 tokens). "
     f"Target: within {MARGIN - 1:.0%} of the domain's own expert, perplexity <= {MARGIN} x the expert's.")
