@@ -11,8 +11,8 @@ in one run, each as a fresh process with its peak RSS taken from /usr/bin/time -
 
 With `--gate hidden` both tools run the base on the same 8 prompts per expert to make the
 routers: mergekit-moe loads the whole base model for that; mergekit-mode streams it one decoder
-layer at a time. Page cache is warm for all (the floor runs first and reads every input); dirty
-pages are flushed before each run. Run by hand:
+layer at a time. Page cache is warm for all (every input is read once before the floor, untimed);
+dirty pages are flushed before each run. Run by hand:
 
     python benchmarks/bench_merge.py [--workdir DIR] [--layers 8] [--gate random|hidden] [--keep] [--threads 1]
 
@@ -154,6 +154,10 @@ def main() -> None:
     # What mergekit-mode reads: the base's stem and every expert's MLPs, i.e. at most all input bytes.
     inputs = [str(models / n / "model.safetensors") for n in names]
     out_bytes = _output_bytes(args.layers, args.experts)
+    for f in inputs:  # warm the page cache first: the floor is timed on the warm cache the tools get
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(64 << 20):
+                pass
     floor = timed([sys.executable, "-c", FLOOR, ",".join(inputs), str(work / "floor.bin"), str(out_bytes)], work)[:2]
     (work / "floor.bin").unlink()
     bindir = Path(sys.executable).parent
