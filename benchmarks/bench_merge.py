@@ -11,8 +11,8 @@ in one run, each as a fresh process with its peak RSS taken from /usr/bin/time -
 
 With `--gate hidden` both tools run the base on the same 8 prompts per expert to make the
 routers: mergekit-moe loads the whole base model for that; mergekit-mode streams it one decoder
-layer at a time. Page cache is warm for all (every input is read once before the floor, untimed);
-dirty pages are flushed before each run. Run by hand:
+layer at a time. Every run starts from the same page cache (`same_start`: dirty pages flushed, the
+cache dropped where the user may, every input read once, untimed). Run by hand:
 
     python benchmarks/bench_merge.py [--workdir DIR] [--layers 8] [--gate random|hidden] [--keep] [--threads 1]
 
@@ -79,6 +79,24 @@ def make_model(folder: Path, layers: int, seed: int, base_seed: int) -> None:
     tensors["model.norm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
     tensors["lm_head.weight"] = rand(stem, VOCAB, HIDDEN)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def same_start(inputs: list[str]) -> bool:
+    """Put the page cache in the same state before each timed run: dirty pages written, the cache
+    dropped where allowed (root), then every input read once. Writes slow down by 15-40% here once
+    earlier outputs fill the cache (the kernel must reclaim pages), so without this the tool run
+    later pays for the runs before it. False when the cache could not be dropped."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        dropped = True
+    except OSError:
+        dropped = False
+    for f in inputs:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(64 << 20):
+                pass
+    return dropped
 
 
 def timed(cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> tuple[float, float, str]:
@@ -154,15 +172,17 @@ def main() -> None:
     # What mergekit-mode reads: the base's stem and every expert's MLPs, i.e. at most all input bytes.
     inputs = [str(models / n / "model.safetensors") for n in names]
     out_bytes = _output_bytes(args.layers, args.experts)
-    for f in inputs:  # warm the page cache first: the floor is timed on the warm cache the tools get
-        with open(f, "rb", buffering=0) as fh:
-            while fh.read(64 << 20):
-                pass
+    dropped = same_start(inputs)
     floor = timed([sys.executable, "-c", FLOOR, ",".join(inputs), str(work / "floor.bin"), str(out_bytes)], work)[:2]
     (work / "floor.bin").unlink()
     bindir = Path(sys.executable).parent
+    same_start(inputs)
     moe = timed([str(bindir / "mergekit-moe"), "moe.yml", "out-moe", "--out-shard-size", "500M"], work, env)[:2]
+    same_start(inputs)
     mode = timed([str(bindir / "mergekit-mode"), "mode.yml", "out-mode", "-q"], work, env)[:2]
+    if not dropped:
+        print("note: could not drop the page cache (not root): each run met the cache the previous one left, "
+              "and writes slow down as earlier outputs fill it", file=sys.stderr)
 
     rows = [("I/O floor", floor), ("mergekit-moe 0.1.5", moe), ("mergekit-mode", mode)]
     print(f"\ngate {args.gate}, {args.experts} experts x {args.layers} layers, inputs {sum(os.path.getsize(f) for f in inputs) / 1e9:.2f} GB, "
