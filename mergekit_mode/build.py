@@ -85,7 +85,7 @@ def write_model(plan: Plan, out: Path, *, force: bool = False, replace_foreign: 
     The recipe's `checks:` run on the finished model before it is renamed into place: when one fails,
     CheckFailed is raised and `out` is left as it was, unless `keep_failed`. `edit`: how `edit` makes
     the same model from a previous build (what to execute, its routers, a line for the card). `dtype`
-    is the compute dtype of routers made from data (COMPUTE_DTYPES)."""
+    is the compute dtype of routers made from data (float32, bfloat16 or auto: compute_dtype)."""
     dev = parse_device(device)
     execution = edit.execution if edit else plan
     check_output(execution, out, force, replace_foreign)  # before routers that may train for minutes

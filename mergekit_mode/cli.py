@@ -36,9 +36,14 @@ output loads in transformers, llama.cpp and vLLM with no custom code. `mergekit-
 """
 
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "auto")  # build.COMPUTE_DTYPES, without importing torch for --help
+COMPUTE_DTYPES = ("float32", "bfloat16", "auto")  # what build.compute_dtype resolves; here so --help needs no torch
 COMPUTE_DTYPE_HELP = ("Dtype of the layer-by-layer runs (hidden states, router training, eval). auto: bfloat16 "
                       "where it is fast (a CPU with AMX or AVX512-BF16, or a CUDA GPU), else float32.")
+
+
+def _compute_dtype_option(command):
+    return click.option("--compute-dtype", "compute_dtype", type=click.Choice(COMPUTE_DTYPES), default="float32",
+                        show_default=True, help=COMPUTE_DTYPE_HELP)(command)
 
 
 class _DefaultToBuild(click.Group):
@@ -93,8 +98,7 @@ def _warn(plan) -> None:
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--force-foreign", is_flag=True, help=FORCE_FOREIGN_HELP)
 @click.option("--device", default="cpu", show_default=True, help="Where tensors are computed: cpu, cuda, cuda:N.")
-@click.option("--compute-dtype", "compute_dtype", type=click.Choice(COMPUTE_DTYPES), default="float32",
-              show_default=True, help=COMPUTE_DTYPE_HELP)
+@_compute_dtype_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--keep-failed", is_flag=True, help="When a recipe check fails, keep OUT for inspection (exit code "
               "still 1).")
@@ -189,13 +193,9 @@ def _data_options(command):
     return command
 
 
-def _compute_dtype_option(command):
-    return click.option("--compute-dtype", "compute_dtype", type=click.Choice(COMPUTE_DTYPES), default="float32",
-                        show_default=True, help=COMPUTE_DTYPE_HELP)(command)
-
-
 def _eval_options(command):
-    """eval's and report's options (check runs whole models in float32: no --compute-dtype)."""
+    """eval's and report's options (check scores the model and its references in float32, so that their
+    ratio compares like with like: no --compute-dtype)."""
     command = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")(_compute_dtype_option(command))
     return click.argument("model", type=PATH)(_data_options(command))
 
