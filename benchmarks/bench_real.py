@@ -73,12 +73,6 @@ def run_stage(stage: str, recipe_file: Path, out: Path, device: str, dtype: str,
         return result
 
     torch.optim.Adam.step = timed_step
-    try:  # what the CLI sets up (the baseline predates it)
-        from mergekit_mode.allocator import fix_mmap_threshold
-
-        fix_mmap_threshold()
-    except ImportError:
-        pass
     if dtype == "auto":  # only this checkout offers it
         from mergekit_mode.build import compute_dtype
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import click
 
 from mergekit_mode import __version__
-from mergekit_mode.allocator import fix_mmap_threshold
 from mergekit_mode.errors import CheckFailed, ModeError
 
 MAIN_HELP = """Build a Mixture-of-Domain-Experts model in a standard MoE format.
@@ -489,7 +488,6 @@ INTERRUPTS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, sig
 
 def main(args: list[str] | None = None) -> None:
     """Entry point: exit code 0 on success, 2 on a user error (one line, no traceback)."""
-    fix_mmap_threshold()
     for signum in INTERRUPTS:  # a plain `kill`, a closed terminal, ...
         signal.signal(signum, _interrupt)
     try:
