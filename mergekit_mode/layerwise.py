@@ -400,27 +400,36 @@ class LayerStream:
         return values
 
     @staticmethod
-    def feed_forward(layer: nn.Module, residual: torch.Tensor, chunk: Optional[int] = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the layer's output, the MLP's input, i.e. the router input) from the residual stream.
-        With `chunk`, a dense MLP runs on that many tokens at a time: its [tokens, intermediate]
-        activations, several of them alive at once, are what peaks in a no-grad pass over a batch."""
+    def feed_forward(layer: nn.Module, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the layer's output, the MLP's input, i.e. the router input) from the residual stream."""
         router_input = layer.post_attention_layernorm(residual)
-        if chunk is None:
-            return residual + layer.mlp(router_input), router_input
-        flat = router_input.reshape(-1, router_input.shape[-1])
-        out = torch.cat([layer.mlp(part) for part in flat.split(chunk)]).reshape(residual.shape)
-        return residual + out, router_input
+        return residual + layer.mlp(router_input), router_input
 
     def forward(self, layer: nn.Module, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         return self.feed_forward(layer, self.attend(layer, x, batch))[0]
 
     @torch.no_grad()
-    def run(self, layer: nn.Module, hidden: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(next hidden states in the compute dtype, router inputs in float32) per batch, on the CPU."""
+    def run(self, layer: nn.Module, hidden: list[torch.Tensor], mlp: bool = True
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(next hidden states in the compute dtype, router inputs in float32) per batch, on the CPU.
+        Without `mlp`, router inputs only (no next hidden states): the last layer a caller needs
+        only those of, which spares its MLP, two thirds of a dense layer's arithmetic."""
         out, router_inputs = [], []
         for h, batch in zip(hidden, self.batches):
-            y, u = self.feed_forward(layer, self.attend(layer, h.to(self.device), batch), chunk=MLP_CHUNK_TOKENS)
-            out.append(y.cpu())
+            residual = self.attend(layer, h.to(self.device), batch)
+            u = layer.post_attention_layernorm(residual)
+            if mlp:
+                out.append(_add_mlp(layer.mlp, u, residual).cpu())
             router_inputs.append(u.float().cpu())
         return out, router_inputs
+
+
+def _add_mlp(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + mlp(x), added in place into `residual`, MLP_CHUNK_TOKENS tokens at a time: the MLP's
+    [tokens, intermediate] activations, several alive at once, are what peaks in a no-grad pass
+    over a batch, and adding into the residual spares a copy of the output."""
+    width = x.shape[-1]
+    parts = x.reshape(-1, width).split(MLP_CHUNK_TOKENS)
+    for part, into in zip(parts, residual.view(-1, width).split(MLP_CHUNK_TOKENS)):
+        into += mlp(part)
+    return residual

@@ -113,7 +113,8 @@ def hidden_rows(plan: Plan, texts: list[ExpertTexts], pooling: str, ctx: RouterC
         stream = LayerStream(plan.inputs[BASE], weights, batches, ctx.device, ctx.dtype)
         hidden = stream.embed()
         for index in _layers(stream.num_layers, "hidden states", ctx):
-            hidden, router_inputs = stream.run(stream.decoder_layer(index), hidden)
+            last = index == stream.num_layers - 1  # its output is never used
+            hidden, router_inputs = stream.run(stream.decoder_layer(index), hidden, mlp=not last)
             pooled = torch.empty(len(owners), stream.hidden_size)
             for r, b in zip(router_inputs, batches):
                 pooled[b.seq] = _pool(r, b, pooling)
