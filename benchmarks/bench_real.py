@@ -107,6 +107,12 @@ def run_stage(stage: str, recipe_file: Path, out: Path, device: str, dtype: str,
         routers = make_routers(plan, RouterContext(torch.device(device), quiet=True, **kwargs))
         routers = getattr(routers, "routers", routers)  # Gates since issue 12, a list before
         torch.save([r.float() for r in routers], out)
+        if stage == "hidden":  # both revisions tokenize the router text with routers.calibration
+            from mergekit_mode.routers import calibration
+
+            tokens = sum(len(s) for t in calibration(plan) for s in t.train + t.negative)
+            cfg = json.loads((Path(plan.recipe.recipe.base_model) / "config.json").read_text())
+            report["floor"] = matmul_floor(cfg, tokens, head=False, mlp_layers=cfg["num_hidden_layers"] - 1)
     report["seconds"] = time.perf_counter() - start
     if len(stamps) > 1:
         report["first_step"] = stamps[0] - start
@@ -114,11 +120,14 @@ def run_stage(stage: str, recipe_file: Path, out: Path, device: str, dtype: str,
     print("STAGE " + json.dumps(report))
 
 
-def matmul_floor(cfg: dict, tokens: int, chunk: int = 1024, repeats: int = 3) -> float:
-    """Seconds that the float32 matmuls of a top-k MoE's forward over `tokens` tokens take here, and
-    nothing else (attention projections, each token's k experts, the LM head; no attention scores,
-    norms, activations, reads or loss): what no implementation of eval can beat on this CPU without
-    doing less arithmetic or doing it in a faster dtype. Timed in the stage's own process."""
+def matmul_floor(cfg: dict, tokens: int, chunk: int = 1024, repeats: int = 3, head: bool = True,
+                 mlp_layers: int | None = None) -> float:
+    """Seconds that the float32 matmuls of a forward over `tokens` tokens take here, and nothing else
+    (attention projections, each token's k experts or the dense MLP, the LM head if `head`; no
+    attention scores, norms, activations, reads or loss): what no implementation can beat on this
+    CPU without doing less arithmetic or doing it in a faster dtype. `mlp_layers`: how many layers'
+    MLPs the stage needs (hidden states need none in the last layer). Timed in the stage's own
+    process."""
     import torch
     import torch.nn.functional as F
 
@@ -126,9 +135,10 @@ def matmul_floor(cfg: dict, tokens: int, chunk: int = 1024, repeats: int = 3) ->
     head_dim = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
     inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
-    layer = [(q, h), (kv, h), (kv, h), (h, q)] + [(inter, h), (inter, h), (h, inter)] * cfg["num_experts_per_tok"]
-    head = [(cfg["vocab_size"], h)]
-    weights = {s: torch.randn(*s) for s in {*layer, *head}}
+    attention = [(q, h), (kv, h), (kv, h), (h, q)]
+    mlp = [(inter, h), (inter, h), (h, inter)] * cfg.get("num_experts_per_tok", 1)
+    lm_head = [(cfg["vocab_size"], h)] if head else []
+    weights = {s: torch.randn(*s) for s in {*attention, *mlp, *lm_head}}
     inputs = {n: torch.randn(chunk, n) for n in {h, q, inter}}
 
     def seconds(shapes: list[tuple[int, int]]) -> float:
@@ -140,7 +150,10 @@ def matmul_floor(cfg: dict, tokens: int, chunk: int = 1024, repeats: int = 3) ->
             best = min(best, time.perf_counter() - start)
         return best
 
-    return (seconds(layer) * cfg["num_hidden_layers"] + seconds(head)) * tokens / chunk
+    layers = cfg["num_hidden_layers"]
+    mlp_layers = layers if mlp_layers is None else mlp_layers
+    total = seconds(attention) * layers + seconds(mlp) * mlp_layers + (seconds(lm_head) if head else 0.0)
+    return total * tokens / chunk
 
 
 # -- the parent
@@ -201,6 +214,12 @@ class Runner:
                 "TOKENIZERS_PARALLELISM": "false"}
 
 
+def floor_ratios(brep: dict, nrep: dict) -> str:
+    """Both runs' time over the float32 matmul floor each measured (see matmul_floor)."""
+    return (f"; time / float32 matmul floor: baseline {brep['seconds'] / brep['floor']:.2f}x, "
+            f"new {nrep['seconds'] / nrep['floor']:.2f}x (floor {brep['floor']:.0f} s, {nrep['floor']:.0f} s)")
+
+
 def compare(a: Path, b: Path) -> str:
     """How far two routers files differ (max |difference| / max |value|)."""
     import torch
@@ -256,12 +275,13 @@ def main() -> None:
         if stage == "eval":
             same = "perplexity rel. diff " + ", ".join(
                 f"{d} {abs(nrep['perplexity'][d] / brep['perplexity'][d] - 1):.1e}" for d in brep["perplexity"])
-            same += (f"; time / float32 matmul floor: baseline {brep['seconds'] / brep['floor']:.2f}x, "
-                     f"new {nrep['seconds'] / nrep['floor']:.2f}x (floor {brep['floor']:.0f} s, {nrep['floor']:.0f} s)")
+            same += floor_ratios(brep, nrep)
         elif stage == "build":
             same = "-"
         else:
             same = f"routers rel. diff {compare(bout, nout)}"
+        if stage == "hidden":
+            same += floor_ratios(brep, nrep)
         speed = brep["seconds"] / nrep["seconds"]
         extra = ""
         if "per_step" in brep and "per_step" in nrep and stage == "lm":
