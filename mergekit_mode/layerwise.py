@@ -27,7 +27,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, replace
 from importlib import import_module
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 from torch import nn
@@ -409,19 +409,23 @@ class LayerStream:
         return self.feed_forward(layer, self.attend(layer, x, batch))[0]
 
     @torch.no_grad()
-    def run(self, layer: nn.Module, hidden: list[torch.Tensor], mlp: bool = True
+    def run(self, layer: nn.Module, hidden: list[torch.Tensor], mlp: bool = True,
+            keep: Callable[[torch.Tensor, Batch], torch.Tensor] = lambda u, _batch: u
             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(next hidden states in the compute dtype, router inputs in float32) per batch, on the CPU.
-        Without `mlp`, router inputs only (no next hidden states): the last layer a caller needs
-        only those of, which spares its MLP, two thirds of a dense layer's arithmetic."""
-        out, router_inputs = [], []
+        """(next hidden states in the compute dtype, what `keep` makes of the router inputs) per
+        batch, on the CPU. `keep` gets each batch's router inputs in float32 [rows, width, hidden]
+        (default: kept whole); a caller that needs less of them (pooled rows) keeps only that, not
+        every batch's router inputs until the layer ends. Without `mlp`, no next hidden states:
+        the last layer a caller needs only router inputs of, which spares its MLP, two thirds of a
+        dense layer's arithmetic."""
+        out, kept = [], []
         for h, batch in zip(hidden, self.batches):
             residual = self.attend(layer, h.to(self.device), batch)
             u = layer.post_attention_layernorm(residual)
             if mlp:
                 out.append(_add_mlp(layer.mlp, u, residual).cpu())
-            router_inputs.append(u.float().cpu())
-        return out, router_inputs
+            kept.append(keep(u.float().cpu(), batch))
+        return out, kept
 
 
 def _add_mlp(mlp: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

@@ -114,10 +114,11 @@ def hidden_rows(plan: Plan, texts: list[ExpertTexts], pooling: str, ctx: RouterC
         hidden = stream.embed()
         for index in _layers(stream.num_layers, "hidden states", ctx):
             last = index == stream.num_layers - 1  # its output is never used
-            hidden, router_inputs = stream.run(stream.decoder_layer(index), hidden, mlp=not last)
+            hidden, pooled_batches = stream.run(stream.decoder_layer(index), hidden, mlp=not last,
+                                                keep=lambda u, batch: _pool(u, batch, pooling))
             pooled = torch.empty(len(owners), stream.hidden_size)
-            for r, b in zip(router_inputs, batches):
-                pooled[b.seq] = _pool(r, b, pooling)
+            for p, b in zip(pooled_batches, batches):
+                pooled[b.seq] = p
             rows.append(_signed_means(pooled, owners, chosen))
     return rows
 
