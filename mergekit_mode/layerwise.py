@@ -222,7 +222,7 @@ def pack(sequences: list[Sequence], width: int, rows_per_batch: int, pad_id: int
 # Weights read or computed once are kept up to this many bytes (as stored, e.g. bf16), so a small
 # model is read once however often its layers run; larger ones stream, with memory still flat.
 WEIGHT_CACHE_BYTES = 64 << 20
-# Tokens per dense-MLP call in `run` (see feed_forward).
+# Tokens per dense-MLP call in `run` (see _add_mlp).
 MLP_CHUNK_TOKENS = 1024
 
 
