@@ -27,6 +27,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import real_model  # noqa: E402
+from bench_real import recipe  # noqa: E402
 
 from mergekit_mode import build, router_modes, router_training  # noqa: E402
 from mergekit_mode.evaluate import evaluate  # noqa: E402
@@ -83,10 +84,9 @@ def main() -> None:
     suite = real_model.suite(args.workdir, layers=args.layers)
     run = args.workdir / "runs" / "lm-steps"
     run.mkdir(parents=True, exist_ok=True)
-    recipe = {"base_model": str(suite.base), "experts": suite.expert_entries(),
-              "router": {"mode": "trained", "experts_per_token": 2, "max_tokens": 8000,
-                         "train": {"objective": "lm", "init": "domain", "steps": args.steps}}}
-    (run / "recipe.yml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    router = {"mode": "trained", "experts_per_token": 2,
+              "train": {"objective": "lm", "init": "domain", "steps": args.steps}}
+    (run / "recipe.yml").write_text(yaml.safe_dump(recipe(suite, router, max_tokens=8000), sort_keys=False))
     # the domain init takes domain's default steps (3000 a layer); the run used 150
     router_modes.FIT_DEFAULTS["domain"] = router_modes.Fit(args.domain_steps, router_modes.FIT_DEFAULTS["domain"].lr)
     plan = build.plan_recipe(run / "recipe.yml")
