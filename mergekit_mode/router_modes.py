@@ -73,6 +73,13 @@ class Fit:
 # steps at 3e-3 left the deeper layers' routers unsure and cost up to 9%). lm steps run the whole MoE.
 FIT_DEFAULTS: dict[str, Fit] = {"domain": Fit(steps=3000, lr=1e-2), "lm": Fit(steps=300, lr=3e-3)}
 Objective = Literal["domain", "lm"]
+# Early stopping of objective lm (check_every 10 steps, then these): patience 1-6, check_every
+# 10-30 and MIN_GAIN 0-5e-3 replayed on the checks that benchmarks/bench_lm_steps.py recorded, three
+# seeds of each synthetic fixture of bench_quality (docs/benchmarks.md "Fewer lm steps"); the shortest
+# that kept markov-sharp, where lm gains most, at the perplexities of all 300 steps. A gain under
+# MIN_GAIN nats of held-out loss (0.1% of perplexity) is step-to-step noise.
+PATIENCE = 3
+MIN_GAIN = 1e-3
 # Router training holds a step's tokens (batch_size x seq_len) and their activations in memory.
 MAX_TOKENS_PER_STEP = 2**20
 
@@ -100,8 +107,14 @@ class TrainSpec(BaseModel):
         f"{FIT_DEFAULTS['lm'].lr:g} for lm.")
     batch_size: Int = Field(8, ge=1, description="Sequences of seq_len tokens per step (batch_size x seq_len at "
                             f"most {MAX_TOKENS_PER_STEP}).")
-    held_out: Float = Field(0.1, ge=0, lt=1, description="Share of each expert's documents kept out of training "
-                            "and used to report routing accuracy per layer.")
+    held_out: Float = Field(0.1, ge=0, lt=1, description="Share of each expert's documents kept out of training, "
+                            "used to report routing accuracy per layer and (objective lm) to stop early.")
+    check_every: Int = Field(10, ge=1, description="Objective lm: steps between checks of the MoE's loss on the "
+                             "held-out documents (a check is one forward pass over them).")
+    patience: Int = Field(PATIENCE, ge=0, description="Objective lm: training stops early when this many checks in a "
+                          f"row have not lowered the best held-out perplexity by {MIN_GAIN:.1%}, and keeps the routers "
+                          "of the check with the lowest held-out loss; 0 runs every step and keeps the last routers "
+                          "(so does held_out 0).")
 
     @model_validator(mode="after")
     def _domain_init_for_lm(self) -> "TrainSpec":

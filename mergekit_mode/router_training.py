@@ -18,6 +18,7 @@ Both report top-1 routing accuracy per layer on the held-out documents.
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 
@@ -29,7 +30,7 @@ from mergekit_mode.calibration import ExpertTexts, Sequence
 from mergekit_mode.inputs import TensorReader
 from mergekit_mode.layerwise import Batch, LayerStream, PlanWeights, pack
 from mergekit_mode.plan import BASE, Gates, Plan
-from mergekit_mode.router_modes import Fit
+from mergekit_mode.router_modes import MIN_GAIN, Fit
 from mergekit_mode.routers import STREAM_BATCH, RouterContext, shared_gates
 from mergekit_mode.streamed import MoeShape, StreamedLM
 
@@ -133,7 +134,10 @@ def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx
     transformers class), Adam on the router weights only, and on the shared expert's gates in
     formats that have one; the model run and back-propagated one layer at a time (streamed.py):
     memory is one layer and the activations of one batch, whatever the depth. Each step's
-    sequences are packed into rows of seq_len tokens, so padding costs nothing."""
+    sequences are packed into rows of seq_len tokens, so padding costs nothing. Every
+    check_every steps the MoE's loss on the held-out documents decides whether to go on
+    (EarlyStop): from a domain-classifier init the lm objective often has little left to gain,
+    and on a real model each step costs seconds to minutes."""
     spec = plan.recipe.recipe.router.training
     top_k = plan.top_k
     fit = spec.fit("lm")
@@ -141,31 +145,74 @@ def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx
     shared = [g.clone().to(ctx.device).requires_grad_(True) for g in shared_gates(plan)]
     opt = torch.optim.Adam(routers + shared, lr=fit.lr)
     train_seqs, _ = _labelled(texts, held_out=False)
+    held_seqs, held_labels = _labelled(texts, held_out=True)
     rng = random.Random(plan.recipe.recipe.router.seed)
     seq_len = plan.recipe.recipe.router.seq_len
+    held = pack(held_seqs, seq_len, STREAM_BATCH) if held_seqs else []
+    stop = EarlyStop(spec.patience if held else 0)
     with TensorReader() as reader, _progress(fit.steps, "Training routers (lm)", ctx.quiet) as bar:
         stream = LayerStream(plan.inputs[BASE], PlanWeights(plan, reader, ctx.device), [], ctx.device, ctx.dtype,
                              moe_format=plan.format)
-        stream.keep_rows(torch.tensor([t for seq in train_seqs for t in seq], dtype=torch.long))
+        stream.keep_rows(torch.tensor([t for seq in train_seqs + held_seqs for t in seq], dtype=torch.long))
         lm = StreamedLM(stream, MoeShape(plan.num_experts, top_k), routers, shared or None)
-        for _ in range(fit.steps):
+        for step in range(fit.steps + 1):
+            if stop.patience and (step % spec.check_every == 0 or step == fit.steps):
+                loss, scored = lm.forward(held)
+                bar.set_postfix_str(f"held-out ppl {math.exp(loss / scored):.3f}", refresh=False)
+                if stop.check(step, loss / scored, routers + shared):
+                    break
+            if step == fit.steps:
+                break
             batch = pack(rng.choices(train_seqs, k=spec.batch_size), seq_len, spec.batch_size)[0]
             loss = lm.train_step(batch, float(plan.config["router_aux_loss_coef"]))
             opt.step()
             opt.zero_grad()
             bar.update()
             bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
-        _report_lm_accuracy(lm, texts, seq_len, top_k)
+        if stop.patience:
+            stop.restore(routers + shared)
+            if not ctx.quiet:
+                tqdm.write(stop.summary(step, fit.steps), file=sys.stderr)
+        if held:
+            _report_lm_accuracy(lm, held, _token_values(held, held_labels), top_k)
     return Gates([r.detach().float().cpu() for r in routers], [g.detach().float().cpu() for g in shared])
 
 
-def _report_lm_accuracy(lm: StreamedLM, texts: list[ExpertTexts], seq_len: int, top_k: int) -> None:
-    held_seqs, held_labels = _labelled(texts, held_out=True)
-    if not held_seqs:
-        return
-    batches = pack(held_seqs, seq_len, STREAM_BATCH)
-    labels = _token_values(batches, held_labels)
+class EarlyStop:
+    """Early stopping on the held-out loss: stop once `patience` checks in a row have not beaten
+    the best loss by MIN_GAIN nats (a perplexity about MIN_GAIN lower), then go back to the
+    parameters of the lowest loss seen (which also picks the best of the last few noisy steps)."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best_loss = self.bar = math.inf
+        self.best_step, self.misses = 0, 0
+        self.kept: list[torch.Tensor] = []
+
+    def check(self, step: int, loss: float, params: list[torch.Tensor]) -> bool:
+        """Record the held-out mean loss at `step`; True when training should stop."""
+        if loss < self.best_loss:
+            self.best_loss, self.best_step = loss, step
+            self.kept = [p.detach().clone() for p in params]
+        if loss < self.bar - MIN_GAIN:
+            self.bar, self.misses = loss, 0
+        else:
+            self.misses += 1
+        return self.misses >= self.patience
+
+    def restore(self, params: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, kept in zip(params, self.kept):
+                p.copy_(kept)
+
+    def summary(self, step: int, steps: int) -> str:
+        ran = f"stopped early at step {step} of {steps}" if step < steps else f"ran all {steps} steps"
+        return (f"lm training {ran}: kept the routers of step {self.best_step} "
+                f"(held-out perplexity {math.exp(self.best_loss):.4f})")
+
+
+def _report_lm_accuracy(lm: StreamedLM, held: list[Batch], labels: torch.Tensor, top_k: int) -> None:
     per_layer: list[list[torch.Tensor]] = [[] for _ in range(lm.stream.num_layers)]
-    lm.forward(batches, router_logits=lambda layer, _b, logits: per_layer[layer].append(logits.float().cpu()),
+    lm.forward(held, router_logits=lambda layer, _b, logits: per_layer[layer].append(logits.float().cpu()),
                score=False)
     report_accuracy([routing_accuracy(torch.cat(l), labels, top_k) for l in per_layer], top_k, len(labels))

@@ -292,7 +292,7 @@ ROUTERS = {
     "hidden": {"mode": "hidden", "experts_per_token": 2, "max_tokens": 400},
     "trained-domain": {"mode": "trained", "experts_per_token": 2, "max_tokens": 400, "train": {"steps": 5}},
     "trained-lm": {"mode": "trained", "experts_per_token": 2, "max_tokens": 400,
-                   "train": {"objective": "lm", "init": "zeros", "steps": 3, "batch_size": 2}},
+                   "train": {"objective": "lm", "init": "zeros", "steps": 3, "batch_size": 2, "patience": 0}},
 }
 
 

@@ -4,6 +4,7 @@ full transformers models run independently (hooks on each layer's post_attention
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -206,7 +207,9 @@ def test_trained_domain_router_routes_separable_domains(llama, tmp_path, run_cli
 def test_trained_lm_changes_only_the_routers(llama, tmp_path, run_cli):
     files = _domain_files(tmp_path, ["arithmetic", "prose"], 1500, seed=1)
     experts = [{"model": str(m), "data": str(f)} for m, f in zip(llama.experts, files)]
-    router = {"mode": "trained", "train": {"objective": "lm", "init": "zeros", "steps": 5, "batch_size": 2}}
+    # patience 0: every step runs and the last routers are kept (early stopping could keep the zeros)
+    router = {"mode": "trained", "train": {"objective": "lm", "init": "zeros", "steps": 5, "batch_size": 2,
+                                           "patience": 0}}
     assert run_cli(_recipe(tmp_path / "lm.yml", llama.base, experts, router), tmp_path / "lm", "-q").code == 0
     gateless = _recipe(tmp_path / "g.yml", llama.base, experts, {"mode": "gateless", "experts_per_token": 2})
     assert run_cli(gateless, tmp_path / "g", "-q").code == 0
@@ -220,6 +223,44 @@ def test_trained_lm_changes_only_the_routers(llama, tmp_path, run_cli):
         else:
             torch.testing.assert_close(trained, zero, rtol=0, atol=0)
     assert config["num_experts_per_tok"] == 2
+
+
+def _lm_routers(llama, tmp_path, run_cli, name: str, **train) -> tuple[list[torch.Tensor], str]:
+    """(the routers, stderr) of an lm-trained build whose held-out check can never gain MIN_GAIN: lr 1e-4
+    from zero routers moves the held-out loss by far less than 1e-3 nats a step."""
+    files = _domain_files(tmp_path, ["arithmetic", "prose"], 4000, seed=1)
+    experts = [{"model": str(m), "data": str(f)} for m, f in zip(llama.experts, files)]
+    train = {"objective": "lm", "init": "zeros", "batch_size": 2, "lr": 1e-4, "held_out": 0.3, **train}
+    result = run_cli(_recipe(tmp_path / f"{name}.yml", llama.base, experts, {"mode": "trained", "train": train}),
+                     tmp_path / name)
+    assert result.code == 0, result.err
+    config = json.loads((tmp_path / name / "config.json").read_text())
+    return [read_tensor(tmp_path / name, f"model.layers.{i}.block_sparse_moe.gate.weight")
+            for i in range(config["num_hidden_layers"])], result.err
+
+
+def test_lm_early_stopping_keeps_the_routers_of_the_best_check(llama, tmp_path, run_cli):
+    """No check gains MIN_GAIN, so training stops after `patience` checks and keeps the routers of the
+    check with the lowest held-out loss: the same bytes as a build of just that many steps with no
+    early stopping (the checks draw none of training's random numbers)."""
+    early, err = _lm_routers(llama, tmp_path, run_cli, "early", steps=40, check_every=1, patience=3)
+    found = re.search(r"lm training stopped early at step (\d+) of 40: kept the routers of step (\d+)", err)
+    assert found and int(found[1]) == 3, err
+    kept = int(found[2])
+    if kept == 0:  # the zero init itself
+        assert all(not r.any() for r in early)
+    else:
+        reference, _ = _lm_routers(llama, tmp_path, run_cli, "reference", steps=kept, patience=0)
+        assert all(torch.equal(a, b) for a, b in zip(early, reference))
+        assert any(r.any() for r in early)
+
+
+def test_lm_without_held_out_documents_runs_every_step(llama, tmp_path, run_cli):
+    """held_out 0 leaves nothing to check: every step runs and the last routers are kept, as with patience 0."""
+    every, err = _lm_routers(llama, tmp_path, run_cli, "every", steps=4, check_every=1, patience=1, held_out=0)
+    reference, _ = _lm_routers(llama, tmp_path, run_cli, "reference", steps=4, patience=0, held_out=0)
+    assert "lm training" not in err
+    assert all(torch.equal(a, b) for a, b in zip(every, reference)) and any(r.any() for r in every)
 
 
 def test_data_modes_need_data_on_every_expert(llama, tmp_path, run_cli):
