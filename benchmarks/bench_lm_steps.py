@@ -174,7 +174,9 @@ def main() -> None:
         (run / "recipe.yml").write_text(yaml.safe_dump(spec, sort_keys=False))
         plan = build.plan_recipe(run / "recipe.yml")
         trace = train_traced(plan)
-        torch.save(trace, run / f"trace-seed{seed}.pt")  # to replay another patience without training again
+        # to replay another patience without training again; plain lists, dicts and tensors
+        torch.save({"checks": [vars(c) for c in trace.checks], "step_seconds": trace.step_seconds},
+                   run / f"trace-seed{seed}.pt")
         stopped, kept, spent = trace.stop(router_modes.PATIENCE)
         full = sum(trace.step_seconds)
         log(f"seed {seed}: all {steps} steps {full:.1f} s; early stopping at step {stopped.step} "
