@@ -112,7 +112,8 @@ class TrainSpec(BaseModel):
     check_every: Int = Field(10, ge=1, description="Objective lm: steps between checks of the MoE's loss on the "
                              "held-out documents (a check is one forward pass over them).")
     patience: Int = Field(PATIENCE, ge=0, description="Objective lm: training stops early when this many checks in a "
-                          f"row have not lowered the best held-out perplexity by {MIN_GAIN:.1%}, and keeps the routers "
+                          f"row have not lowered the held-out perplexity by {MIN_GAIN:.1%} (from the last check that "
+                          "did), and keeps the routers "
                           "of the check with the lowest held-out loss; 0 runs every step and keeps the last routers "
                           "(so does held_out 0).")
 

@@ -155,10 +155,12 @@ def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx
                              moe_format=plan.format)
         stream.keep_rows(torch.tensor([t for seq in train_seqs + held_seqs for t in seq], dtype=torch.long))
         lm = StreamedLM(stream, MoeShape(plan.num_experts, top_k), routers, shared or None)
+        checked = ""
         for step in range(fit.steps + 1):
             if stop.patience and (step % spec.check_every == 0 or step == fit.steps):
                 loss, scored = lm.forward(held)
-                bar.set_postfix_str(f"held-out ppl {math.exp(loss / scored):.3f}", refresh=False)
+                checked = f", held-out ppl {math.exp(loss / scored):.3f} (step {step})"
+                bar.set_postfix_str(checked[2:])
                 if stop.check(step, loss / scored, routers + shared):
                     break
             if step == fit.steps:
@@ -168,7 +170,7 @@ def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx
             opt.step()
             opt.zero_grad()
             bar.update()
-            bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
+            bar.set_postfix_str(f"loss {loss:.3f}{checked}", refresh=False)
         if stop.patience:
             stop.restore(routers + shared)
             if not ctx.quiet:
@@ -179,9 +181,10 @@ def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx
 
 
 class EarlyStop:
-    """Early stopping on the held-out loss: stop once `patience` checks in a row have not beaten
-    the best loss by MIN_GAIN nats (a perplexity about MIN_GAIN lower), then go back to the
-    parameters of the lowest loss seen (which also picks the best of the last few noisy steps)."""
+    """Early stopping on the held-out loss: stop once `patience` checks in a row have each failed
+    to come MIN_GAIN nats (about MIN_GAIN of perplexity) below the loss of the last check that
+    did, then go back to the parameters of the lowest loss seen (which also picks the best of the
+    last few noisy steps)."""
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
