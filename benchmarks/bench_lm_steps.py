@@ -162,6 +162,7 @@ def main() -> None:
         steps, domain_steps = args.steps or router_modes.FIT_DEFAULTS["lm"].steps, args.domain_steps
         spec = {"base_model": str(suite.base_dir), "experts": fixture.recipe_experts(suite), "router": router}
         eval_texts, run = suite.eval_texts, workdir / "runs" / args.fixture / "lm-steps"
+    router = spec["router"]  # bench_real.recipe copies it
     router["train"] |= {"steps": steps, "patience": NEVER} | ({"check_every": args.check_every}
                                                               if args.check_every else {})
     if domain_steps:  # the domain init takes domain's default steps (3000 a layer); the run used 150
