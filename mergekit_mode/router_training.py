@@ -155,13 +155,16 @@ def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx
                              moe_format=plan.format)
         stream.keep_rows(torch.tensor([t for seq in train_seqs + held_seqs for t in seq], dtype=torch.long))
         lm = StreamedLM(stream, MoeShape(plan.num_experts, top_k), routers, shared or None)
-        checked = ""
+        checked, best_logits = "", None
         for step in range(fit.steps + 1):
             if stop.patience and (step % spec.check_every == 0 or step == fit.steps):
-                loss, scored = lm.forward(held)
-                checked = f", held-out ppl {math.exp(loss / scored):.3f} (step {step})"
+                loss, logits = _held_out_pass(lm, held, score=True)
+                checked = f", held-out ppl {math.exp(loss):.3f} (step {step})"
                 bar.set_postfix_str(checked[2:])
-                if stop.check(step, loss / scored, routers + shared):
+                done = stop.check(step, loss, routers + shared)
+                if stop.best_step == step:  # the kept routers' logits: the accuracy report needs no pass of its own
+                    best_logits = logits
+                if done:
                     break
             if step == fit.steps:
                 break
@@ -176,7 +179,9 @@ def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx
             if not ctx.quiet:
                 tqdm.write(stop.summary(step, fit.steps), file=sys.stderr)
         if held:
-            _report_lm_accuracy(lm, held, _token_values(held, held_labels), top_k)
+            logits = best_logits if best_logits is not None else _held_out_pass(lm, held, score=False)[1]
+            labels = _token_values(held, held_labels)
+            report_accuracy([routing_accuracy(l, labels, top_k) for l in logits], top_k, len(labels))
     return Gates([r.detach().float().cpu() for r in routers], [g.detach().float().cpu() for g in shared])
 
 
@@ -214,8 +219,10 @@ class EarlyStop:
                 f"(held-out perplexity {math.exp(self.best_loss):.4f})")
 
 
-def _report_lm_accuracy(lm: StreamedLM, held: list[Batch], labels: torch.Tensor, top_k: int) -> None:
+def _held_out_pass(lm: StreamedLM, held: list[Batch], score: bool) -> tuple[float, list[torch.Tensor]]:
+    """(mean next-token loss of the held-out batches, nan without `score`; each layer's router
+    logits of their real tokens, in Batch.real order)."""
     per_layer: list[list[torch.Tensor]] = [[] for _ in range(lm.stream.num_layers)]
-    lm.forward(held, router_logits=lambda layer, _b, logits: per_layer[layer].append(logits.float().cpu()),
-               score=False)
-    report_accuracy([routing_accuracy(torch.cat(l), labels, top_k) for l in per_layer], top_k, len(labels))
+    loss, scored = lm.forward(held, score=score,
+                              router_logits=lambda layer, _b, logits: per_layer[layer].append(logits.float().cpu()))
+    return (loss / scored if score else math.nan), [torch.cat(l) for l in per_layer]
