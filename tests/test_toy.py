@@ -155,6 +155,18 @@ def test_mlp_only_finetune_keeps_everything_else(tok_dir, tmp_path):
         assert torch.equal(after[name], tensor) != (".mlp." in name), name
 
 
+def test_lora_finetune_is_deterministic(tok_dir, tmp_path):
+    """peft draws each adapter's initial A from torch's global generator: the seed must set it."""
+    base = make_model(tmp_path / "base", **TINY, vocab_size=400, tokenizer_dir=tok_dir)
+    text, lora = generate("dna", 3_000, seed=1), {"r": 2, "lora_alpha": 4, "target_modules": "all-linear"}
+
+    def tune(name: str, seed: int) -> dict[str, bytes]:
+        torch.manual_seed(len(name))  # whatever the global generator holds before
+        return _files(finetune(base, tmp_path / name, text, 2, lora=lora, ctx=64, num_threads=1, seed=seed))
+
+    assert tune("a", 0) == tune("bb", 0) != tune("c", 1)
+
+
 def test_build_domain_suite_is_complete_and_deterministic(tmp_path):
     def build(out: Path):
         return build_domain_suite(

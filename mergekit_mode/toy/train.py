@@ -3,8 +3,8 @@
 The project needs real domain experts (not just noisy copies) to show that routing matters:
 each expert must beat the base on its own domain. A few hundred AdamW steps on 128-token
 blocks get there in about a minute on two cores. The only randomness, the order of the
-training blocks, comes from ``seed``, so reruns give byte-identical weights (checked with 1
-and 2 threads on one machine).
+training blocks (and a LoRA adapter's initial A), comes from ``seed``, so reruns give
+byte-identical weights (checked with 1 and 2 threads on one machine).
 """
 
 from __future__ import annotations
@@ -99,12 +99,15 @@ def finetune(
     lr: float = 5e-3,
     seed: int = 0,
     num_threads: int | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Fine-tune a copy of ``base_dir`` on ``text`` and save it (with tokenizer) to ``out_dir``.
 
     ``mlp_only`` trains only the MLP weights, so attention, norms and embeddings stay the
     base's - exactly the part a Mixture-of-Domain-Experts keeps shared. ``lora`` (peft
     LoraConfig arguments) trains a LoRA adapter instead and saves the adapter alone, as peft does.
+    ``device`` trains there (a GPU makes the real-model benchmark's experts in seconds); the
+    batches are still drawn on the CPU, so the order of the blocks does not depend on it.
     """
     blocks = to_blocks(encode(base_dir, text), ctx)
     gen = torch.Generator().manual_seed(seed)
@@ -114,7 +117,8 @@ def finetune(
             yield blocks[torch.randint(len(blocks), (batch_size,), generator=gen)]
 
     with torch_threads(num_threads):
-        return _train_and_save(base_dir, Path(out_dir), batches(), steps, lr=lr, mlp_only=mlp_only, lora=lora)
+        return _train_and_save(base_dir, Path(out_dir), batches(), steps, lr=lr, mlp_only=mlp_only, lora=lora,
+                               seed=seed, device=device)
 
 
 def _train_and_save(
@@ -126,11 +130,14 @@ def _train_and_save(
     lr: float,
     mlp_only: bool = False,
     lora: dict | None = None,
+    seed: int = 0,
+    device: str = "cpu",
 ) -> Path:
     """AdamW in float32, saved in the source checkpoint's dtype.
 
     The learning rate warms up over the first 10% of steps, then follows a cosine from
-    ``lr`` down to ``0.1 * lr``. The models have no dropout, so the batches are the only
+    ``lr`` down to ``0.1 * lr``. The models have no dropout, so the batches and a LoRA
+    adapter's initial A (drawn from ``seed`` on the CPU, whatever the device) are the only
     randomness.
     """
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(src_dir, dtype="auto")
@@ -139,10 +146,13 @@ def _train_and_save(
     if lora is not None:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(**lora))  # freezes everything but A and B
+        with torch.random.fork_rng(devices=[]):  # peft draws A from the global generator
+            torch.manual_seed(seed)
+            model = get_peft_model(model, LoraConfig(**lora))  # freezes everything but A and B
     else:
         for name, param in model.named_parameters():
             param.requires_grad_(not mlp_only or ".mlp." in name)
+    model.to(device)
     params = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 10)
@@ -152,6 +162,7 @@ def _train_and_save(
     )
     bar = tqdm(zip(range(steps), batches), total=steps, desc=f"training {out_dir.name}", unit="step", leave=False)
     for _, batch in bar:
+        batch = batch.to(device)
         loss = model(input_ids=batch, labels=batch).loss
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         loss.backward()
@@ -160,6 +171,7 @@ def _train_and_save(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    model.cpu()
     (model if lora is not None else model.to(save_dtype)).save_pretrained(out_dir)  # an adapter stays float32
     if out_dir.resolve() != Path(src_dir).resolve():
         copy_tokenizer(src_dir, out_dir)
