@@ -20,7 +20,9 @@ domain steps a layer, 8000 tokens an expert: about an hour a seed, one thread); 
 fixtures run the recipe's defaults (a minute or two a seed). Run by hand:
 
     python benchmarks/bench_lm_steps.py [--fixture smollm2] [--seeds 0,1,2] [--workdir DIR] [--steps N]
-        [--curve 0,30,60] [--domain-steps N] [--layers 30]
+        [--curve 0,30,60] [--domain-steps N] [--layers 30] [--device cpu]
+
+Training and evals compute in the dtype the CLI's `--compute-dtype auto` picks for --device.
 
 The synthetic fixtures are made (or reused) in WORKDIR/fixtures, as bench_quality.py makes them.
 """
@@ -82,7 +84,7 @@ class Trace:
         return check, kept, spent
 
 
-def train_traced(plan) -> Trace:
+def train_traced(plan, device: torch.device) -> Trace:
     """Train the plan's routers (patience NEVER), recording every check and the time of each step."""
     checks: list[Check] = []
     step_seconds: list[float] = []
@@ -97,7 +99,7 @@ def train_traced(plan) -> Trace:
     def recording(self, step, loss, params):
         nonlocal last
         now = time.perf_counter()
-        checks.append(Check(step, loss, [p.detach().float().clone() for p in params], now - last))
+        checks.append(Check(step, loss, [p.detach().float().cpu().clone() for p in params], now - last))
         last = now
         return check(self, step, loss, params)
 
@@ -112,13 +114,14 @@ def train_traced(plan) -> Trace:
 
     router_training.EarlyStop.check, torch.optim.Adam.step, router_training.train_lm = recording, step, lm
     try:
-        make_routers(plan, RouterContext(torch.device("cpu"), quiet=True))
+        make_routers(plan, RouterContext(device, quiet=True, dtype=build.compute_dtype("auto", device)))
     finally:
         router_training.EarlyStop.check, torch.optim.Adam.step, router_training.train_lm = check, adam_step, train_lm
     return Trace(checks, step_seconds)
 
 
-def perplexities(plan, params: list[torch.Tensor], folder: Path, eval_texts: dict[str, Path]) -> dict[str, float]:
+def perplexities(plan, params: list[torch.Tensor], folder: Path, eval_texts: dict[str, Path],
+                 device: torch.device) -> dict[str, float]:
     """`eval` of the plan's MoE written with these routers (and shared gates)."""
     layers = int(plan.config["num_hidden_layers"])
     made = build.make_routers
@@ -127,7 +130,8 @@ def perplexities(plan, params: list[torch.Tensor], folder: Path, eval_texts: dic
         build.write_model(plan, folder, force=True, quiet=True)
     finally:
         build.make_routers = made
-    result = {d: r.perplexity for d, r in evaluate(folder, eval_texts, quiet=True).items()}
+    dtype = build.compute_dtype("auto", device)  # as the CLI's default --compute-dtype
+    result = {d: r.perplexity for d, r in evaluate(folder, eval_texts, quiet=True, device=device, dtype=dtype).items()}
     shutil.rmtree(folder)
     return result
 
@@ -146,6 +150,7 @@ def main() -> None:
     ap.add_argument("--domain-steps", type=int, default=None,
                     help="steps per layer of the domain init (default: 150 on smollm2, the recipe's default else)")
     ap.add_argument("--layers", type=int, default=real_model.LAYERS, help="smollm2's depth")
+    ap.add_argument("--device", default="cpu", help="of the training, the evals and smollm2's fine-tuning if made now")
     args = ap.parse_args()
     torch.set_num_threads(1)
     fixture = FIXTURES[args.fixture]
@@ -153,7 +158,7 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.gettempdir()) / ("mergekit-mode-real" if real else "mergekit-mode-quality")
     router = {"mode": "trained", "experts_per_token": 2, "train": {"objective": "lm", "init": "domain"}}
     if real:  # the issue's run
-        models = real_model.suite(workdir, layers=args.layers)
+        models = real_model.suite(workdir, layers=args.layers, device=args.device)
         steps, domain_steps = args.steps or 150, args.domain_steps or 150
         spec = recipe(models, router, max_tokens=8000)
         eval_texts, run = models.eval_texts, workdir / "runs" / "lm-steps"
@@ -174,7 +179,7 @@ def main() -> None:
         run.mkdir(parents=True, exist_ok=True)
         (run / "recipe.yml").write_text(yaml.safe_dump(spec, sort_keys=False))
         plan = build.plan_recipe(run / "recipe.yml")
-        trace = train_traced(plan)
+        trace = train_traced(plan, torch.device(args.device))
         # to replay another patience without training again; plain lists, dicts and tensors
         torch.save({"checks": [vars(c) for c in trace.checks], "step_seconds": trace.step_seconds},
                    run / f"trace-seed{seed}.pt")
@@ -185,7 +190,7 @@ def main() -> None:
         scored = {"all steps": (trace.checks[-1], steps, full), "early stopping": (kept, stopped.step, spent)}
         scored |= {f"step {c.step}": (c, c.step, None) for c in trace.checks if c.step in curve}
         for name, (check, ran, seconds) in scored.items():
-            ppl = perplexities(plan, check.params, run / "moe", eval_texts)
+            ppl = perplexities(plan, check.params, run / "moe", eval_texts, torch.device(args.device))
             rows.append({"seed": seed, "variant": name, "steps_run": ran, "kept_step": check.step,
                          "seconds": seconds, "held_out_loss": check.loss, "perplexity": ppl})
             log(f"seed {seed} {name}: " + ", ".join(f"{d} {p:.4f}" for d, p in ppl.items()))

@@ -2,9 +2,14 @@
 
 The model is SmolLM2-135M-Instruct (30 layers, hidden 576) with four experts fine-tuned here, two
 MLP-only and two LoRA adapters on all linear layers (real_model.py: made once, cached in the
-workdir). Each stage runs as a fresh process under /usr/bin/time -v (peak RSS), once with the
+workdir). Each stage runs as a fresh process (peak RSS from its rusage), once with the
 code of a baseline git revision (extracted with `git archive`) and once with this checkout, on
-the same inputs, with the same threads (OMP_NUM_THREADS):
+the same inputs, with the same threads (OMP_NUM_THREADS). `--baseline .` makes the baseline this
+checkout too, and `--baseline-device` / `--baseline-dtype` run it on another device or in another
+dtype; `--device` may list several devices, each a column against the same baseline: `--baseline .
+--baseline-device cpu --baseline-dtype float32 --device cuda,cpu` compares a GPU and the CPU's
+--compute-dtype auto (bfloat16 where it has matrix units) with the CPU's float32 (peak GPU memory is
+reported as well):
 
 - build: a gate-less MoE, written (the merge itself);
 - hidden: hidden-state routers (router.mode hidden) from max_tokens of each expert's text;
@@ -16,8 +21,8 @@ Routers and perplexities of both runs are compared (the same result, not only th
 With --depths, hidden and lm also run on the same models cut or repeated to 8, 16, 32 layers
 (this checkout only, unless --depth-baseline): their peak RSS should stay flat. Run by hand:
 
-    python benchmarks/bench_real.py [--workdir DIR] [--baseline REV] [--stages build,hidden,domain,lm,eval]
-        [--depths 8,16,32] [--threads 1] [--device cpu]
+    python benchmarks/bench_real.py [--workdir DIR] [--baseline REV|.] [--stages build,hidden,domain,lm,eval]
+        [--depths 8,16,32] [--threads 1] [--device cpu[,cuda]] [--baseline-device DEV] [--baseline-dtype DTYPE]
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ def run_stage(stage: str, recipe_file: Path, out: Path, device: str, dtype: str,
         from mergekit_mode.cli import main
 
         try:
-            main([str(recipe_file), str(out), "-q", "--force"])
+            main([str(recipe_file), str(out), "-q", "--force", *(["--device", device] if device != "cpu" else [])])
         except SystemExit as e:
             if e.code:
                 raise
@@ -111,8 +116,12 @@ def run_stage(stage: str, recipe_file: Path, out: Path, device: str, dtype: str,
         torch.save([r.float() for r in routers], out)
         if stage == "hidden":
             floor = lambda: hidden_floor(plan)  # noqa: E731
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     report["seconds"] = time.perf_counter() - start
-    if floor is not None:  # after the timing: neither its matmuls nor its tokenizing are the stage's
+    if device.startswith("cuda"):
+        report["gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    elif floor is not None:  # after the timing: neither its matmuls nor its tokenizing are the stage's (a CPU's)
         report["floor"] = floor()
     if len(stamps) > 1:
         report["first_step"] = stamps[0] - start
@@ -191,12 +200,13 @@ class Runner:
     def __init__(self, args, work: Path, trees: dict[str, Path]) -> None:
         self.args, self.work, self.trees = args, work, trees
 
-    def stage(self, impl: str, stage: str, suite, tag: str = "", lm_steps: int | None = None
-              ) -> tuple[float, float, dict, Path]:
+    def stage(self, impl: str, stage: str, suite, tag: str = "", lm_steps: int | None = None,
+              device: str | None = None) -> tuple[float, float, dict, Path]:
         import yaml
 
         args = self.args
-        folder = self.work / "runs" / f"{impl}{tag}"
+        device = device or (args.baseline_device if impl == "baseline" else args.device)
+        folder = self.work / "runs" / f"{impl}-{device.replace(':', '')}{tag}"
         folder.mkdir(parents=True, exist_ok=True)
         recipe_file = folder / f"{stage}.yml"
         recipe_file.write_text(yaml.safe_dump(stage_recipes(suite, args, lm_steps)[stage], sort_keys=False))
@@ -210,22 +220,27 @@ class Runner:
                 subprocess.run([sys.executable, "-m", "mergekit_mode", str(eval_recipe), str(out), "-q", "--force"],
                                check=True, env=self.env("new"))
             data = [f"{d}={p}" for d, p in suite.eval_texts.items()]
-        dtype = args.compute_dtype if impl == "new" else "float32"
+        dtype = args.baseline_dtype if impl == "baseline" else args.compute_dtype
         cmd = [sys.executable, __file__, "--run-stage", stage, "--recipe", str(recipe_file), "--out", str(out),
-               "--device", args.device, "--dtype", dtype, *(f"--data={d}" for d in data)]
+               "--device", device, "--dtype", dtype, *(f"--data={d}" for d in data)]
         wall, rss, report = stage_run(cmd, self.env(impl))
-        print(f"  {impl:>8} {stage}{tag}: {wall:.1f} s wall, {report['seconds']:.1f} s in the stage, "
-              f"{rss:.2f} GB peak RSS" + (f", {report['per_step']:.2f} s/step" if "per_step" in report else ""),
+        print(f"  {impl:>8} {stage}{tag} on {device}: {wall:.1f} s wall, {report['seconds']:.1f} s in the stage, "
+              f"{rss:.2f} GB peak RSS" + (f", {report['per_step']:.2f} s/step" if "per_step" in report else "")
+              + (f", {report['gpu_gb']:.2f} GB peak GPU memory" if "gpu_gb" in report else ""),
               file=sys.stderr, flush=True)
         return wall, rss, report, out
 
     def env(self, impl: str) -> dict:
-        return {**os.environ, "PYTHONPATH": str(self.trees[impl]), "OMP_NUM_THREADS": str(self.args.threads),
+        path = os.pathsep.join(p for p in (str(self.trees[impl]), os.environ.get("PYTHONPATH")) if p)
+        return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(self.args.threads),
                 "TOKENIZERS_PARALLELISM": "false"}
 
 
 def floor_ratios(brep: dict, nrep: dict) -> str:
-    """Both runs' time over the float32 matmul floor each measured (see matmul_floor)."""
+    """Both runs' time over the float32 matmul floor each measured (see matmul_floor), if both ran on
+    a CPU."""
+    if "floor" not in brep or "floor" not in nrep:
+        return ""
     return (f"; time / float32 matmul floor: baseline {brep['seconds'] / brep['floor']:.2f}x, "
             f"new {nrep['seconds'] / nrep['floor']:.2f}x (floor {brep['floor']:.0f} s, {nrep['floor']:.0f} s)")
 
@@ -243,7 +258,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mergekit-mode-real",
                     help="models, texts and runs (kept: a second run skips the training of the experts)")
-    ap.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare with")
+    ap.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision to compare with ('.': this checkout)")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--depths", default="8,16,32", help="layer counts for the RSS-in-depth runs ('' for none)")
     ap.add_argument("--depth-baseline", action="store_true",
@@ -252,9 +267,14 @@ def main() -> None:
     ap.add_argument("--domain-steps", type=int, default=150)
     ap.add_argument("--lm-steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu",
+                    help="of this checkout's runs, comma-separated for several (the first also fine-tunes the experts)")
+    ap.add_argument("--baseline-device", help="of the baseline's runs (default: the first --device)")
+    ap.add_argument("--baseline-dtype", choices=["float32", "bfloat16", "auto"],
+                    help="of the baseline's runs (default: float32 for a revision, which may predate "
+                         "--compute-dtype; --compute-dtype for '.')")
     ap.add_argument("--compute-dtype", default="auto", choices=["float32", "bfloat16", "auto"],
-                    help="of this checkout's runs (the baseline computes in float32)")
+                    help="of this checkout's runs")
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     ap.add_argument("--run-stage", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--recipe", type=Path, help=argparse.SUPPRESS)
@@ -267,21 +287,27 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     import real_model
 
+    devices = args.device.split(",")
+    args.device, args.baseline_device = devices[0], args.baseline_device or devices[0]
+    args.baseline_dtype = args.baseline_dtype or (args.compute_dtype if args.baseline == "." else "float32")
     work = args.workdir
-    suite = real_model.suite(work)
-    runner = Runner(args, work, {"baseline": baseline_tree(work, args.baseline), "new": REPO})
+    suite = real_model.suite(work, device=devices[0])
+    runner = Runner(args, work, {"baseline": REPO if args.baseline == "." else baseline_tree(work, args.baseline),
+                                 "new": REPO})
     stages = [s for s in args.stages.split(",") if s]
     rows = []
     print(f"real model: {real_model.GGUF} ({real_model.LAYERS} layers), experts {', '.join(real_model.EXPERTS)}; "
-          f"{args.threads} thread(s), {os.cpu_count()} cores, device {args.device}; baseline {args.baseline}",
-          file=sys.stderr)
+          f"{args.threads} thread(s), {os.cpu_count()} cores; baseline {args.baseline} on {args.baseline_device} "
+          f"({args.baseline_dtype}), new on {', '.join(devices)} ({args.compute_dtype})", file=sys.stderr)
     for stage in stages:
         base = runner.stage("baseline", stage, suite)
-        new = runner.stage("new", stage, suite)
-        rows.append((stage, base, new))
-    print("\n| stage | baseline s | new s | speed-up | baseline RSS GB | new RSS GB | RSS ratio | same result |")
-    print("|---|---|---|---|---|---|---|---|")
-    for stage, (bw, br, brep, bout), (nw, nr, nrep, nout) in rows:
+        for device in devices:
+            rows.append((stage, device, base, runner.stage("new", stage, suite, device=device)))
+    gpu = any("gpu_gb" in rep for _, _, b, n in rows for rep in (b[2], n[2]))
+    print("\n| stage | new on | baseline s | new s | speed-up | baseline RSS GB | new RSS GB | RSS ratio |"
+          + (" baseline GPU GB | new GPU GB |" if gpu else "") + " same result |")
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else "") + "---|")
+    for stage, device, (bw, br, brep, bout), (nw, nr, nrep, nout) in rows:
         if stage == "eval":
             same = "perplexity rel. diff " + ", ".join(
                 f"{d} {abs(nrep['perplexity'][d] / brep['perplexity'][d] - 1):.1e}" for d in brep["perplexity"])
@@ -297,9 +323,11 @@ def main() -> None:
         if "per_step" in brep and "per_step" in nrep and stage == "lm":
             b, n = brep["per_step"], nrep["per_step"]
             extra = f" (per step {b:.2f} -> {n:.2f} s: {b / n:.2f}x)"
-        print(f"| {stage} | {brep['seconds']:.1f} | {nrep['seconds']:.1f} | {speed:.2f}x{extra} | {br:.2f} | {nr:.2f} | "
-              f"{nr / br:.2f}x | {same} |")
-    print("\n(stage seconds: inside the process, after imports; RSS: the whole process, /usr/bin/time -v)")
+        gpu_cells = "".join(f" {rep.get('gpu_gb', 0):.2f} |" for rep in (brep, nrep)) if gpu else ""
+        print(f"| {stage} | {device} | {brep['seconds']:.1f} | {nrep['seconds']:.1f} | {speed:.2f}x{extra} | {br:.2f} | {nr:.2f} | "
+              f"{nr / br:.2f}x |{gpu_cells} {same} |")
+    print("\n(stage seconds: inside the process, after imports; RSS: the whole process, from its rusage; GPU: "
+          "torch.cuda.max_memory_allocated)")
 
     depths = [int(d) for d in args.depths.split(",") if d]
     if depths:

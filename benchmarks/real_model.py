@@ -76,8 +76,9 @@ class RealSuite:
                  "data": str(self.train_texts[name])} for name, path in self.experts.items()]
 
 
-def suite(workdir: Path, layers: int = LAYERS, steps: int = 50) -> RealSuite:
-    """The base and experts at `layers` decoder layers (made on first use, then reused)."""
+def suite(workdir: Path, layers: int = LAYERS, steps: int = 50, device: str = "cpu") -> RealSuite:
+    """The base and experts at `layers` decoder layers (made on first use, then reused). `device`:
+    where the experts are fine-tuned, if they are made now."""
     workdir = Path(workdir)
     train, held_out = write_texts(workdir / "data")
     full = workdir / f"L{LAYERS}"
@@ -86,7 +87,7 @@ def suite(workdir: Path, layers: int = LAYERS, steps: int = 50) -> RealSuite:
     for name, lora in EXPERTS.items():
         out = full / "experts" / name
         if not (out / "done").exists():
-            _finetune(base, out, train[name], steps, lora)
+            _finetune(base, out, train[name], steps, lora, device)
         experts[name] = out
     if layers == LAYERS:
         return RealSuite(base, experts, train, held_out)
@@ -130,13 +131,14 @@ def download_gguf(folder: Path) -> Path:
     return target
 
 
-def _finetune(base: Path, out: Path, text: Path, steps: int, lora: dict | None) -> None:
+def _finetune(base: Path, out: Path, text: Path, steps: int, lora: dict | None, device: str) -> None:
     from mergekit_mode.toy import finetune
 
     shutil.rmtree(out, ignore_errors=True)
     docs = [json.loads(line)["text"] for line in text.read_text().splitlines()] if text.suffix == ".jsonl" \
         else text.read_text()
-    finetune(base, out, docs, steps, mlp_only=lora is None, lora=lora, lr=LR["lora" if lora else "mlp"], **FINETUNE)
+    finetune(base, out, docs, steps, mlp_only=lora is None, lora=lora, lr=LR["lora" if lora else "mlp"], device=device,
+             **FINETUNE)
     (out / "done").touch()
 
 
