@@ -28,6 +28,7 @@ import bisect
 from dataclasses import dataclass, replace
 from importlib import import_module
 from typing import Callable, Optional, Protocol
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -222,18 +223,35 @@ def pack(sequences: list[Sequence], width: int, rows_per_batch: int, pad_id: int
 # Weights read or computed once are kept up to this many bytes (as stored, e.g. bf16), so a small
 # model is read once however often its layers run; larger ones stream, with memory still flat.
 WEIGHT_CACHE_BYTES = 64 << 20
+# The share of a CUDA device's free memory that resident layers may take by default (resident_budget).
+RESIDENT_GPU_SHARE = 0.5
 # Tokens per dense-MLP call in `run` (see _add_mlp).
 MLP_CHUNK_TOKENS = 1024
+
+
+def resident_budget(device: torch.device, requested: Optional[int] = None) -> int:
+    """Bytes of layers a LayerStream keeps resident: `requested` if given; else on a CUDA device
+    RESIDENT_GPU_SHARE of its free memory (a GPU that holds the MoE should not re-read it twice a
+    step over PCIe); on the CPU none, so RAM stays one layer whatever the depth."""
+    if requested is not None:
+        return requested
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * RESIDENT_GPU_SHARE)
+    return 0
 
 
 class LayerStream:
     """A decoder stack of the folder's config, layer by layer, over batches of tokens.
 
     Layer modules are built once and refilled: `decoder_layer` and the MLPs of `moe_block`
-    return modules that the next call of the same kind overwrites (one layer in memory)."""
+    return modules that the next call of the same kind overwrites (one layer in memory). With
+    `resident_bytes`, layers are kept filled, each its own module, while their parameters fit in
+    that many bytes: a trainer that runs every layer twice a step for many steps then reads,
+    merges and copies their weights once, not twice a step (the rest stream as before)."""
 
     def __init__(self, folder: ModelFolder, weights: Weights, batches: list[Batch], device: torch.device,
-                 dtype: torch.dtype = torch.float32, moe_format: Optional[OutputFormat] = None) -> None:
+                 dtype: torch.dtype = torch.float32, moe_format: Optional[OutputFormat] = None,
+                 resident_bytes: int = 0) -> None:
         self.model_type = folder.model_type  # the architecture and config are the folder's
         built = formats.of_config(folder.config)  # a MoE folder in an output format, or a dense base
         self._prefix = (built.architecture.removesuffix("ForCausalLM") if built
@@ -255,6 +273,9 @@ class LayerStream:
         self._window = window if window and getattr(self.config, "use_sliding_window", True) else None
         self._contexts: dict[int, tuple[Batch, tuple]] = {}
         self._shells: dict[str, nn.Module] = {}
+        self._resident: dict[str, nn.Module] = {}  # by layer (decoder layers) or by tensor name (MLPs)
+        self._resident_left = resident_bytes
+        self._filled: WeakKeyDictionary[nn.Module, dict[str, str]] = WeakKeyDictionary()  # module -> its tensors
 
     # -- inputs of every layer: rotary embeddings and the attention mask of a batch
 
@@ -312,9 +333,7 @@ class LayerStream:
         """Decoder layer `index`; with `mlp`, its dense MLP replaced by that module (whose weights
         the caller has loaded), else the dense MLP read from the weights too."""
         kind = "dense" if mlp is None else "moe"
-        layer = self._shells.get(kind)
-        if layer is None:
-            layer = self._shells[kind] = self._empty_layer(dense=mlp is None)
+        layer = self._module(f"{kind}{index}", kind, lambda: self._empty_layer(dense=mlp is None))
         if mlp is not None:
             layer.mlp = mlp
         prefix = f"{families.LAYER_PREFIX}{index}."
@@ -325,9 +344,10 @@ class LayerStream:
     def _mlp(self, key: str, names: dict[Role, str]) -> ExpertMlp:
         """A dense SwiGLU MLP (an expert, the shared expert) from the tensors named per role; `key`
         names its reused module."""
-        mlp = self._shells.get(key)
         shape = self.weights.shape(names[Role.GATE_PROJ])
-        if mlp is None or tuple(mlp.gate.shape) != tuple(shape):
+        mlp = self._module(names[Role.GATE_PROJ], key, lambda: ExpertMlp(self.hidden_size, shape[0], self.device,
+                                                                          self.dtype))
+        if tuple(mlp.gate.shape) != tuple(shape):  # a shared shell of another size
             mlp = self._shells[key] = ExpertMlp(self.hidden_size, shape[0], self.device, self.dtype)
         self._fill(mlp, {"gate": names[Role.GATE_PROJ], "up": names[Role.UP_PROJ], "down": names[Role.DOWN_PROJ]})
         return mlp
@@ -350,6 +370,22 @@ class LayerStream:
         """Layer `index`'s MoE block of the plan's output (its format, experts and top-k)."""
         return self.moe_block(plan.format, index, router, plan.num_experts, plan.top_k, shared_gate)
 
+    def _module(self, own: str, shared: str, make: Callable[[], nn.Module]) -> nn.Module:
+        """The module named `own` (one layer's, one expert's) if it is resident; else a new one that
+        becomes resident while the budget lasts; else the shell of its kind, `shared`."""
+        module = self._resident.get(own)
+        if module is None:
+            module = self._shells.get(shared)
+        if module is None:
+            module = make()
+            size = sum(p.numel() * p.element_size() for p in module.parameters())
+            if size <= self._resident_left:
+                self._resident_left -= size
+                self._resident[own] = module
+            else:
+                self._shells[shared] = module
+        return module
+
     def _empty_layer(self, dense: bool) -> nn.Module:
         """A transformers decoder layer with uninitialised parameters on the device: every one is
         loaded next, and a random init of a large layer costs seconds on a CPU. A MoE layer gets
@@ -363,11 +399,15 @@ class LayerStream:
         return layer.to_empty(device=self.device).eval().requires_grad_(False)
 
     def _fill(self, module: nn.Module, names: dict[str, str]) -> None:
-        """Copy each named tensor into the module's parameter (converting to the compute dtype)."""
+        """Copy each named tensor into the module's parameter (converting to the compute dtype),
+        unless the module holds them already (a resident one; the tensors never change)."""
+        if self._filled.get(module) == names:
+            return
         params = dict(module.named_parameters())
         with torch.no_grad():
             for param, tensor in names.items():
                 params[param].copy_(self._weight(tensor))
+        self._filled[module] = names
 
     def _weight(self, name: str) -> torch.Tensor:
         cached = self._cache.get(name)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from mergekit_mode.calibration import ExpertTexts, Sequence
 from mergekit_mode.inputs import TensorReader
-from mergekit_mode.layerwise import Batch, LayerStream, PlanWeights, pack
+from mergekit_mode.layerwise import Batch, LayerStream, PlanWeights, pack, resident_budget
 from mergekit_mode.plan import BASE, Gates, Plan
 from mergekit_mode.router_modes import MIN_GAIN, Fit
 from mergekit_mode.routers import STREAM_BATCH, RouterContext, shared_gates
@@ -152,7 +152,7 @@ def train_lm(plan: Plan, texts: list[ExpertTexts], init: list[torch.Tensor], ctx
     stop = EarlyStop(spec.patience if held else 0)
     with TensorReader() as reader, _progress(fit.steps, "Training routers (lm)", ctx.quiet) as bar:
         stream = LayerStream(plan.inputs[BASE], PlanWeights(plan, reader, ctx.device), [], ctx.device, ctx.dtype,
-                             moe_format=plan.format)
+                             moe_format=plan.format, resident_bytes=resident_budget(ctx.device, ctx.resident_bytes))
         stream.keep_rows(torch.tensor([t for seq in train_seqs + held_seqs for t in seq], dtype=torch.long))
         lm = StreamedLM(stream, MoeShape(plan.num_experts, top_k), routers, shared or None)
         checked, best_logits = "", None

@@ -35,6 +35,7 @@ class RouterContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     quiet: bool = False
     dtype: torch.dtype = torch.float32
+    resident_bytes: Optional[int] = None  # of layers lm training keeps filled (None: layerwise.resident_budget)
 
 
 # A mode's routers; a mode that also learns the shared expert's gates returns Gates.

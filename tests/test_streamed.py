@@ -101,7 +101,9 @@ FORMATS = {
 def test_streamed_training_step_equals_transformers_gradients(request, tmp_path, run_cli, family):
     """The layer-streamed forward-backward (packed rows, weights computed from the plan: two fine-tunes
     and a LoRA adapter, top-2 of 3) gives the loss and the router (and shared gate) gradients of the
-    format's own transformers class loaded from the written model."""
+    format's own transformers class loaded from the written model: streaming every layer, with every
+    layer resident, and with some; twice, the second step on the layers the first left resident
+    (which reads no weights at all when every layer is)."""
     fam = request.getfixturevalue(family)
     architecture, extra = FORMATS[family]
     adapter = make_adapter(fam.base, tmp_path / "lora", seed=7, r=4, lora_alpha=8,
@@ -132,16 +134,38 @@ def test_streamed_training_step_equals_transformers_gradients(request, tmp_path,
         for g, n in zip(gates, names[2:]):
             model.get_parameter(n).data.copy_(g.detach())
         expected_loss, expected_grads = _transformers_step(model, sequences, names)
-    with TensorReader() as reader:
-        stream = LayerStream(plan.inputs[BASE], PlanWeights(plan, reader, cpu), [], cpu, moe_format=plan.format)
-        lm = StreamedLM(stream, MoeShape(3, 2), routers, gates or None)
-        batch = pack(sequences, 17, 8)[0]
-        assert batch.packed
-        loss = lm.train_step(batch, model.config.router_aux_loss_coef)
-    assert loss == pytest.approx(expected_loss, rel=1e-5)
-    for got, expected in zip(written, expected_grads):
-        assert expected.abs().max() > 0
-        torch.testing.assert_close(got.grad, expected, rtol=1e-4, atol=1e-7)
+    batch = pack(sequences, 17, 8)[0]
+    assert batch.packed
+    reads_per_step, resident_modules = {}, {}
+    whole = sum(p.numel() * 4 for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
+    for resident in (0, whole // 2, 2 * whole):
+        with TensorReader() as reader:
+            stream = LayerStream(plan.inputs[BASE], PlanWeights(plan, reader, cpu), [], cpu, moe_format=plan.format,
+                                 resident_bytes=resident)
+            lm = StreamedLM(stream, MoeShape(3, 2), routers, gates or None)
+            reads: list[str] = []
+            stream._weight = _counting(stream._weight, reads)
+            for _ in range(2):
+                for g in written:
+                    g.grad = None
+                before = len(reads)
+                loss = lm.train_step(batch, model.config.router_aux_loss_coef)
+                reads_per_step.setdefault(resident, []).append(len(reads) - before)
+                assert loss == pytest.approx(expected_loss, rel=1e-5), resident
+                for got, expected in zip(written, expected_grads):
+                    assert expected.abs().max() > 0
+                    torch.testing.assert_close(got.grad, expected, rtol=1e-4, atol=1e-7)
+            resident_modules[resident] = len(stream._resident)
+    modules = resident_modules[2 * whole]
+    assert resident_modules[0] == 0 < resident_modules[whole // 2] < modules, resident_modules
+    assert reads_per_step[0][1] > 0 == reads_per_step[2 * whole][1], reads_per_step
+
+
+def _counting(read, calls: list):
+    def counted(name: str) -> torch.Tensor:
+        calls.append(name)
+        return read(name)
+    return counted
 
 
 def test_auto_compute_dtype_is_bfloat16_only_with_bf16_units(tmp_path, monkeypatch):
