@@ -2,7 +2,8 @@
 
 Makes a base and 4 experts of about 0.5B parameters each (bf16, ~1 GB each: hidden 2048,
 intermediate 5632, 8 layers, vocab 32000; experts differ from the base in their MLPs), then times
-in one run, each as a fresh process with its peak RSS taken from /usr/bin/time -v:
+in one run, each as a fresh process with its peak RSS taken from its rusage (the figure /usr/bin/time -v
+prints):
 
 - the I/O floor: reading the input bytes each tool reads and writing the output's bytes with plain
   file I/O (no tensors), the least any tool can do;
