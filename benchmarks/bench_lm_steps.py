@@ -84,7 +84,7 @@ class Trace:
         return check, kept, spent
 
 
-def train_traced(plan, device: torch.device) -> Trace:
+def train_traced(plan, ctx: RouterContext) -> Trace:
     """Train the plan's routers (patience NEVER), recording every check and the time of each step."""
     checks: list[Check] = []
     step_seconds: list[float] = []
@@ -114,15 +114,15 @@ def train_traced(plan, device: torch.device) -> Trace:
 
     router_training.EarlyStop.check, torch.optim.Adam.step, router_training.train_lm = recording, step, lm
     try:
-        make_routers(plan, RouterContext(device, quiet=True, dtype=build.compute_dtype("auto", device)))
+        make_routers(plan, ctx)
     finally:
         router_training.EarlyStop.check, torch.optim.Adam.step, router_training.train_lm = check, adam_step, train_lm
     return Trace(checks, step_seconds)
 
 
 def perplexities(plan, params: list[torch.Tensor], folder: Path, eval_texts: dict[str, Path],
-                 device: torch.device) -> dict[str, float]:
-    """`eval` of the plan's MoE written with these routers (and shared gates)."""
+                 ctx: RouterContext) -> dict[str, float]:
+    """`eval` of the plan's MoE written with these routers (and shared gates), on ctx's device and dtype."""
     layers = int(plan.config["num_hidden_layers"])
     made = build.make_routers
     build.make_routers = lambda _plan, _ctx: Gates(params[:layers], params[layers:])
@@ -130,8 +130,8 @@ def perplexities(plan, params: list[torch.Tensor], folder: Path, eval_texts: dic
         build.write_model(plan, folder, force=True, quiet=True)
     finally:
         build.make_routers = made
-    dtype = build.compute_dtype("auto", device)  # as the CLI's default --compute-dtype
-    result = {d: r.perplexity for d, r in evaluate(folder, eval_texts, quiet=True, device=device, dtype=dtype).items()}
+    result = {d: r.perplexity
+              for d, r in evaluate(folder, eval_texts, quiet=True, device=ctx.device, dtype=ctx.dtype).items()}
     shutil.rmtree(folder)
     return result
 
@@ -173,13 +173,15 @@ def main() -> None:
     if domain_steps:  # the domain init takes domain's default steps (3000 a layer); the issue's run used 150
         router_modes.FIT_DEFAULTS["domain"] = router_modes.Fit(domain_steps, router_modes.FIT_DEFAULTS["domain"].lr)
     curve = [int(k) for k in args.curve.split(",") if k]
+    device = torch.device(args.device)
+    ctx = RouterContext(device, quiet=True, dtype=build.compute_dtype("auto", device))  # the CLI's default dtype
     rows: list[dict] = []
     for seed in (int(s) for s in args.seeds.split(",")):
         router["seed"] = seed
         run.mkdir(parents=True, exist_ok=True)
         (run / "recipe.yml").write_text(yaml.safe_dump(spec, sort_keys=False))
         plan = build.plan_recipe(run / "recipe.yml")
-        trace = train_traced(plan, torch.device(args.device))
+        trace = train_traced(plan, ctx)
         # to replay another patience without training again; plain lists, dicts and tensors
         torch.save({"checks": [vars(c) for c in trace.checks], "step_seconds": trace.step_seconds},
                    run / f"trace-seed{seed}.pt")
@@ -190,7 +192,7 @@ def main() -> None:
         scored = {"all steps": (trace.checks[-1], steps, full), "early stopping": (kept, stopped.step, spent)}
         scored |= {f"step {c.step}": (c, c.step, None) for c in trace.checks if c.step in curve}
         for name, (check, ran, seconds) in scored.items():
-            ppl = perplexities(plan, check.params, run / "moe", eval_texts, torch.device(args.device))
+            ppl = perplexities(plan, check.params, run / "moe", eval_texts, ctx)
             rows.append({"seed": seed, "variant": name, "steps_run": ran, "kept_step": check.step,
                          "seconds": seconds, "held_out_loss": check.loss, "perplexity": ppl})
             log(f"seed {seed} {name}: " + ", ".join(f"{d} {p:.4f}" for d, p in ppl.items()))
