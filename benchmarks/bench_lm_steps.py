@@ -165,7 +165,8 @@ def main() -> None:
     else:
         suite = fixture.build(workdir / "fixtures")
         steps, domain_steps = args.steps or router_modes.FIT_DEFAULTS["lm"].steps, args.domain_steps
-        spec = {"base_model": str(suite.base_dir), "experts": fixture.recipe_experts(suite), "router": router}
+        experts = fixture.recipe_experts(workdir / "fixtures", suite)
+        spec = {"base_model": str(suite.base_dir), "experts": experts, "router": router}
         eval_texts, run = suite.eval_texts, workdir / "runs" / args.fixture / "lm-steps"
     router = spec["router"]  # bench_real.recipe copies it
     router["train"] |= {"steps": steps, "patience": NEVER} | ({"check_every": args.check_every}

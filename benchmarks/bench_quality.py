@@ -537,12 +537,13 @@ def main() -> None:
     for name in args.fixtures.split(","):
         fixture = FIXTURES[name]
         start = time.perf_counter()
-        suite = fixture.build(work / "fixtures", pretrain_steps=args.pretrain_steps,
+        root = work / "fixtures"
+        suite = fixture.build(root, pretrain_steps=args.pretrain_steps,
                               finetune_steps=args.finetune_steps)
         timings.append(f"- {name}: tokenizer, base and {len(fixture.domains)} experts ({args.pretrain_steps} and "
                        f"{args.finetune_steps} steps; 0 s when reused from the workdir): "
                        f"{time.perf_counter() - start:.0f} s")
-        run = Run(name, work / "runs" / name, suite, suite.experts, entries=fixture.recipe_experts(suite))
+        run = Run(name, work / "runs" / name, suite, suite.experts, entries=fixture.recipe_experts(root, suite))
         start = time.perf_counter()
         chosen = [n for n in args.variants.split(";") if fixture.variants is None or n in fixture.variants]
         run.measure({n: (VARIANTS[n], None) for n in chosen}, probes=fixture.variants is None)

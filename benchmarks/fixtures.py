@@ -58,8 +58,9 @@ class Fixture:
         stamp.write_text(expected)
         return suite
 
-    def recipe_experts(self, suite: DomainSuite) -> list[dict]:
-        """The recipe's `experts:` list, each with its training text as router data."""
+    def recipe_experts(self, root: Path, suite: DomainSuite) -> list[dict]:
+        """The recipe's `experts:` list of the suite built in `root`, each with its training text as
+        router data."""
         return [{"name": d, "model": str(p), "data": str(suite.train_texts[d])} for d, p in suite.experts.items()]
 
 
@@ -75,10 +76,10 @@ class RealFixture(Fixture):
                            experts={d: real.full_model(d) for d in self.domains},
                            train_texts=real.train_texts, eval_texts=real.eval_texts)
 
-    def recipe_experts(self, suite: DomainSuite) -> list[dict]:
+    def recipe_experts(self, root: Path, suite: DomainSuite) -> list[dict]:
         import real_model
 
-        return real_model.suite(suite.base_dir.parents[1]).expert_entries()  # workdir/L30/base: made, reused
+        return real_model.suite(root / self.name).expert_entries()  # made by build: reused
 
 
 def _suite_paths(out: Path, domains: tuple[str, ...]) -> DomainSuite:
