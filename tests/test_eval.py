@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -130,3 +131,25 @@ def test_bad_data_option_is_a_one_line_error(llama, run_cli, arg, message):
     result = run_cli("eval", llama.base, "--data", arg)
     assert result.code == 2
     assert message in result.err and len(result.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("which", ["dense", "moe"])
+def test_progress_bar_ends_at_its_total(llama, moe, texts, run_cli, which, monkeypatch):
+    """The bar counts whole tokens and ends at its total. The layer-streamed eval advances it by
+    shares of each group's work: added as floats, they summed past the total on a 30-layer model,
+    and tqdm warned ("clamping frac") with a negative time left."""
+    import tqdm as tqdm_module
+
+    ends = []
+    real_close = tqdm_module.tqdm.close
+
+    def close(bar):
+        if bar.desc.startswith("eval"):
+            ends.append((bar.n, bar.total))
+        real_close(bar)
+
+    monkeypatch.setattr(tqdm_module.tqdm, "close", close)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tqdm_module.TqdmWarning)
+        domains = _eval(run_cli, llama.base if which == "dense" else moe, texts, "--ctx", "37", "--batch-size", "3")
+    assert domains and ends and all(type(n) is int and n == total for n, total in ends), ends
