@@ -345,10 +345,13 @@ class LayerStream:
         """A dense SwiGLU MLP (an expert, the shared expert) from the tensors named per role; `key`
         names its reused module."""
         shape = self.weights.shape(names[Role.GATE_PROJ])
-        mlp = self._module(names[Role.GATE_PROJ], key, lambda: ExpertMlp(self.hidden_size, shape[0], self.device,
-                                                                          self.dtype))
+
+        def make() -> ExpertMlp:
+            return ExpertMlp(self.hidden_size, shape[0], self.device, self.dtype)
+
+        mlp = self._module(names[Role.GATE_PROJ], key, make)
         if tuple(mlp.gate.shape) != tuple(shape):  # a shared shell of another size
-            mlp = self._shells[key] = ExpertMlp(self.hidden_size, shape[0], self.device, self.dtype)
+            mlp = self._shells[key] = make()
         self._fill(mlp, {"gate": names[Role.GATE_PROJ], "up": names[Role.UP_PROJ], "down": names[Role.DOWN_PROJ]})
         return mlp
 
