@@ -172,24 +172,15 @@ def _evaluate_streamed(folder: ModelFolder, streams: dict[str, list[int]], ctx: 
                 def count(layer: int, _batch: int, logits: torch.Tensor) -> None:
                     counts[layer] += topk_counts(logits, moe.top_k).cpu()
 
-                part, n = lm.forward(group, progress=_whole_tokens(bar, tokens), router_logits=count)
+                start = bar.n  # whole tokens: float increments summed past the total, and tqdm warned
+
+                def advance(done: float) -> None:
+                    bar.update(start + round(done * tokens) - bar.n)
+
+                part, n = lm.forward(group, progress=advance, router_logits=count)
                 loss_sum, scored, routed = loss_sum + part, scored + n, routed + tokens
             results[name] = _result(loss_sum, scored, counts, routed)
     return results
-
-
-def _whole_tokens(bar: tqdm, tokens: int) -> Callable[[float], None]:
-    """StreamedLM.forward's `progress` for a group of `tokens`: its shares of the work, added up as
-    whole tokens on the bar. Added as floats (share x tokens), they could sum past the bar's total,
-    and tqdm then warned ("clamping frac") and showed a negative time left."""
-    start, done = bar.n, 0.0
-
-    def advance(share: float) -> None:
-        nonlocal done
-        done += share
-        bar.update(start + min(tokens, round(done * tokens)) - bar.n)
-
-    return advance
 
 
 def _count_choices(counts: torch.Tensor, own: Optional[OwnWeightCounter], choices, batch: Batch) -> None:

@@ -123,7 +123,8 @@ class StreamedLM:
         """(summed next-token loss, scored tokens) of the batches, run layer-major: each layer is
         read once for all of them. `router_logits(layer, batch, logits)` receives each MoE
         layer's router logits of the batch's real tokens [tokens, experts]; `progress` the share
-        of the work done since its last call. With `score` False the head is skipped."""
+        of the layers done so far (1.0 exactly after the last, so a caller's count ends at its total).
+        With `score` False the head is skipped."""
         stream = self.stream
         hidden = stream.embed(batches)
         for index in range(stream.num_layers):
@@ -132,7 +133,7 @@ class StreamedLM:
                 hidden[i] = stream.forward(layer, hidden[i].to(self.device), batch).cpu()
                 if router_logits is not None and self.moe is not None:
                     router_logits(index, i, batch.real(_per_token(layer.mlp.router_logits, batch)))
-            progress(1 / stream.num_layers)
+            progress((index + 1) / stream.num_layers)
         loss, scored = 0.0, 0
         for h, batch in zip(hidden if score else [], batches):
             targets = batch.targets().reshape(-1)
